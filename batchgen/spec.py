@@ -1,0 +1,297 @@
+"""The job spec: one YAML file, validated by frozen pydantic models.
+
+Every key has a default where one makes sense and unknown keys are an error. Errors name the file
+and the dotted key: ``job.yaml: generation.top_p: Input should be less than or equal to 1, got 1.5``.
+``--set section.key=value`` overrides are applied to the raw YAML before validation, so they get
+the same checks and messages.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from batchgen.errors import SpecError
+
+# Columns every output row has (see the README's output layout); input.columns may not reuse them.
+OUTPUT_COLUMNS = (
+    "row_id", "sample_index", "prompt", "generation", "finish_reason",
+    "prompt_tokens", "generated_tokens", "error", "seed",
+)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(_Section):
+    path: str = Field(
+        description="Parquet input: a file, a directory (all *.parquet under it), a glob, or an "
+        "s3:// URL of any of those. Relative local paths are relative to the working directory."
+    )
+    prompt_column: str | None = Field(
+        default=None,
+        description="Column holding the prompt text. Defaults to 'prompt' when no template is given.",
+    )
+    template: str | None = Field(
+        default=None,
+        description="Jinja2 template rendered over the row's columns to make the prompt, e.g. "
+        "'Summarize: {{ text }}'. Rendered in a sandbox; mutually exclusive with prompt_column.",
+    )
+    chat: bool = Field(
+        default=False,
+        description="Wrap the prompt as a user message and apply the model's chat template.",
+    )
+    system_prompt: str | None = Field(
+        default=None, description="System message placed before the prompt when chat is true."
+    )
+    id_column: str | None = Field(
+        default=None,
+        description="Column whose values identify rows (output row_id). Without it, row_id is the "
+        "row's position in the planned input, which is stable because the plan is stored.",
+    )
+    columns: tuple[str, ...] = Field(
+        default=(), description="Input columns copied into every output row."
+    )
+
+    @model_validator(mode="after")
+    def _one_prompt_source(self) -> InputSpec:
+        if self.template is not None and self.prompt_column is not None:
+            raise ValueError("give either prompt_column or template, not both")
+        if self.system_prompt is not None and not self.chat:
+            raise ValueError("system_prompt needs chat: true (it is a chat message)")
+        clash = [c for c in self.columns if c in OUTPUT_COLUMNS and not self._is_plain_prompt(c)]
+        if clash:
+            raise ValueError(
+                f"columns {clash} clash with output columns batchgen writes "
+                f"({', '.join(OUTPUT_COLUMNS)}); rename them in the input"
+            )
+        return self
+
+    def _is_plain_prompt(self, column: str) -> bool:
+        # The output's `prompt` is the rendered prompt, equal to this column when it is used as is.
+        return column == "prompt" == self.prompt_source and not self.chat
+
+    @property
+    def prompt_source(self) -> str:
+        return self.prompt_column or ("prompt" if self.template is None else "")
+
+
+class ModelSpec(_Section):
+    path: str = Field(
+        description="Hugging Face model id, or a local directory saved with save_pretrained."
+    )
+    revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit).")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        default="auto",
+        description="Weights dtype. 'auto' takes bfloat16 on CUDA and float32 on CPU, where half "
+        "precision is slow.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="'auto' uses CUDA when the replica has a GPU."
+    )
+    max_input_tokens: int | None = Field(
+        default=None,
+        gt=0,
+        description="Longest prompt in tokens; longer prompts are truncated or fail per row. "
+        "Defaults to the model's context length minus generation.max_new_tokens.",
+    )
+    truncation: Literal["left", "right", "error"] = Field(
+        default="left",
+        description="What to do with a prompt longer than max_input_tokens: drop tokens from the "
+        "left (keeps the end, where instructions usually are), from the right, or fail that row.",
+    )
+    trust_remote_code: bool = Field(
+        default=False, description="Allow model code from the hub repository to run."
+    )
+
+
+class GenerationSpec(_Section):
+    max_new_tokens: int = Field(default=256, gt=0, description="Tokens to generate at most.")
+    temperature: float = Field(
+        default=0.0, ge=0.0, le=100.0, description="0 means greedy decoding."
+    )
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    top_k: int = Field(default=0, ge=0, description="Sample from the k likeliest tokens; 0 = off.")
+    n: int = Field(default=1, ge=1, le=1024, description="Samples per input row.")
+    seed: int = Field(
+        default=0,
+        ge=0,
+        description="Job seed. Each row's sampling seed derives from (seed, row_id, sample_index), "
+        "so reruns and retries give the same text whatever the batching.",
+    )
+    stop: tuple[str, ...] = Field(
+        default=(), description="Generation is cut at the first of these strings."
+    )
+    repetition_penalty: float = Field(
+        default=1.0, gt=0.0, description="CTRL-style penalty on tokens already seen; 1 = off."
+    )
+
+    @model_validator(mode="after")
+    def _sampling_for_many(self) -> GenerationSpec:
+        if self.n > 1 and self.temperature == 0:
+            raise ValueError(
+                "n > 1 needs temperature > 0: greedy decoding would give n identical samples"
+            )
+        if any(s == "" for s in self.stop):
+            raise ValueError("stop strings must not be empty")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class OutputSpec(_Section):
+    path: str = Field(description="Output directory, local or s3://; see the README's layout.")
+    compression: Literal["zstd", "snappy", "gzip", "none"] = Field(
+        default="zstd", description="Parquet compression of the data files."
+    )
+
+
+class ResourcesSpec(_Section):
+    replicas: int = Field(default=1, ge=1, description="Model replicas (Ray actors).")
+    gpus_per_replica: float = Field(
+        default=0.0, ge=0.0, description="GPUs each replica reserves; 0 runs on CPU."
+    )
+    cpus_per_replica: float = Field(
+        default=1.0,
+        gt=0.0,
+        description="CPUs each replica reserves; on CPU it is also the replica's torch thread "
+        "count, so replicas do not fight over cores.",
+    )
+    batch_size: int = Field(
+        default=32,
+        ge=1,
+        description="Sequences decoded together at most. Larger batches give more throughput "
+        "until memory or compute saturates.",
+    )
+    max_batch_tokens: int = Field(
+        default=32768,
+        ge=1,
+        description="Token budget of a batch: rows x (longest prompt + max_new_tokens). Bounds "
+        "the KV cache, so long prompts get smaller batches instead of running out of memory.",
+    )
+    shard_rows: int = Field(
+        default=1000,
+        ge=1,
+        description="Input rows per shard, the unit of scheduling, commit and retry. Small shards "
+        "lose less work on a failure; large ones cost fewer commits.",
+    )
+    max_attempts: int = Field(
+        default=3, ge=1, description="Attempts per shard before it is recorded as failed."
+    )
+
+
+class StorageSpec(_Section):
+    endpoint_url: str | None = Field(
+        default=None,
+        description="S3-compatible endpoint (MinIO, SeaweedFS, a test server). Credentials come "
+        "from the environment (AWS_ACCESS_KEY_ID, ...), never from the spec.",
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Extra fsspec/s3fs options, e.g. {anon: true}."
+    )
+
+
+class JobSpec(_Section):
+    name: str | None = Field(default=None, description="A name for logs and the manifest.")
+    input: InputSpec
+    model: ModelSpec
+    generation: GenerationSpec = GenerationSpec()
+    output: OutputSpec
+    resources: ResourcesSpec = ResourcesSpec()
+    storage: StorageSpec = StorageSpec()
+
+    @model_validator(mode="after")
+    def _context_fits(self) -> JobSpec:
+        if self.resources.max_batch_tokens < self.generation.max_new_tokens + 1:
+            raise ValueError(
+                "resources.max_batch_tokens must exceed generation.max_new_tokens, "
+                "or no prompt fits in a batch"
+            )
+        return self
+
+
+# -- loading ---------------------------------------------------------------------------------
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings; values are parsed as YAML scalars/lists."""
+    result = _deep_copy(raw)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SpecError(f"--set {item!r}: expected section.key=value")
+        node = result
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise SpecError(f"--set {item!r}: {part} is not a section")
+            node = child
+        try:
+            node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError as e:
+            raise SpecError(f"--set {item!r}: value is not valid YAML: {e}") from None
+    return result
+
+
+def parse_spec(raw: Any, source: str = "<spec>") -> JobSpec:
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as e:
+        raise SpecError(_format_errors(e, source)) from None
+
+
+def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read job spec: {e.strerror or e}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path}: not valid YAML: {e}") from None
+    return parse_spec(apply_overrides(raw or {}, overrides), str(path))
+
+
+def _format_errors(error: ValidationError, source: str) -> str:
+    lines = []
+    for err in error.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            msg = "unknown key" + _allowed_keys(err["loc"])
+        elif kind == "missing":
+            msg = "required key is missing"
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            if "input" in err and not isinstance(err["input"], dict):
+                msg += f", got {err['input']!r}"
+        lines.append(f"{source}: {key}: {msg}")
+    return "\n".join(lines)
+
+
+def _allowed_keys(loc: tuple) -> str:
+    model: type[BaseModel] = JobSpec
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type):
+            return ""
+        model = field.annotation
+    return f" (allowed: {', '.join(model.model_fields)})"
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value
