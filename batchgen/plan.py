@@ -1,0 +1,187 @@
+"""Shard planning from Parquet footers alone, and the job fingerprint.
+
+A plan is computed once, before any generation, and stored as ``<output>/plan.json``; a resumed
+job reads it back and never re-plans, so shard ids and derived row ids stay stable. Shards are row
+ranges inside one file: ``(shard_id, file, row_start, row_count)`` with zero-padded ids, plus the
+shard's first global row index, from which row ids are derived when the input has no id column.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from fsspec.core import url_to_fs
+
+from batchgen import prompts
+from batchgen.errors import InputError, SpecError
+from batchgen.spec import JobSpec
+from batchgen.storage import open_input, storage_options
+
+PLAN_VERSION = 1
+_GLOB_CHARS = set("*?[")
+
+
+@dataclass(frozen=True)
+class InputFile:
+    url: str
+    size: int
+    etag: str
+    rows: int
+
+
+@dataclass(frozen=True)
+class Shard:
+    shard_id: str
+    file: str
+    row_start: int
+    row_count: int
+    row_offset: int  # global index of the shard's first row across all input files
+
+
+@dataclass(frozen=True)
+class Plan:
+    fingerprint: str
+    fingerprint_parts: dict[str, str]
+    files: tuple[InputFile, ...]
+    shards: tuple[Shard, ...]
+
+    @property
+    def total_rows(self) -> int:
+        return sum(f.rows for f in self.files)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": PLAN_VERSION,
+            "fingerprint": self.fingerprint,
+            "fingerprint_parts": self.fingerprint_parts,
+            "files": [asdict(f) for f in self.files],
+            "shards": [asdict(s) for s in self.shards],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Plan:
+        if data.get("version") != PLAN_VERSION:
+            raise InputError(f"plan.json: unsupported plan version {data.get('version')!r}")
+        return cls(
+            fingerprint=data["fingerprint"],
+            fingerprint_parts=dict(data["fingerprint_parts"]),
+            files=tuple(InputFile(**f) for f in data["files"]),
+            shards=tuple(Shard(**s) for s in data["shards"]),
+        )
+
+
+def input_options(spec: JobSpec) -> dict:
+    return storage_options(spec.input.path, spec.storage.endpoint_url, spec.storage.options)
+
+
+def make_plan(spec: JobSpec) -> Plan:
+    """List the input, read every file's footer (no row data), check columns, cut shards."""
+    options = input_options(spec)
+    listed = list_input_files(spec.input.path, options)
+    needed = prompts.needed_columns(spec.input)
+
+    def footer(entry: tuple[str, int, str]) -> InputFile:
+        url, size, etag = entry
+        return InputFile(url, size, etag, _footer_rows(url, options, needed))
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        files = tuple(pool.map(footer, listed))
+
+    ranges = []
+    offset = 0
+    for f in files:
+        for start in range(0, f.rows, spec.resources.shard_rows):
+            count = min(spec.resources.shard_rows, f.rows - start)
+            ranges.append((f.url, start, count, offset + start))
+        offset += f.rows
+    width = max(6, len(str(len(ranges))))
+    shards = tuple(
+        Shard(str(i).zfill(width), url, start, count, row_offset)
+        for i, (url, start, count, row_offset) in enumerate(ranges)
+    )
+    parts = fingerprint_parts(spec, files)
+    return Plan(_digest(parts), parts, files, shards)
+
+
+def fingerprint_parts(spec: JobSpec, files: tuple[InputFile, ...]) -> dict[str, str]:
+    """One digest per thing that changes outputs, so a mismatch can say which changed."""
+    m, g, i = spec.model, spec.generation, spec.input
+    return {
+        "input": _digest([(f.url, f.size, f.etag) for f in files]),
+        "model": _digest([m.path, m.revision, m.dtype, m.max_input_tokens, m.truncation]),
+        "prompt": _digest(
+            [i.prompt_column, i.template, i.chat, i.system_prompt, i.id_column, list(i.columns)]
+        ),
+        "generation": _digest(g.model_dump(mode="json")),
+    }
+
+
+def _digest(value: Any) -> str:
+    blob = json.dumps(value, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def list_input_files(path: str, options: dict) -> list[tuple[str, int, str]]:
+    """``(url, size, etag)`` of every Parquet file the input path names, sorted by URL.
+
+    Directories are searched recursively; files and folders whose names start with ``_`` or
+    ``.`` are skipped (the Hive/Spark convention), so the output folder of an earlier batchgen
+    job can be an input without its staging files.
+    """
+    try:
+        fs, root = url_to_fs(path, **options)
+        if set(root) & _GLOB_CHARS:
+            infos = [i for i in fs.glob(root, detail=True).values() if i["type"] == "file"]
+            if not infos:
+                raise InputError(f"input.path {path}: the glob matches no files")
+        elif fs.isdir(root):
+            infos = [
+                i
+                for p, i in fs.find(root, detail=True).items()
+                if p.endswith(".parquet") and not _hidden(posixpath.relpath(p, root))
+            ]
+            if not infos:
+                raise InputError(f"input.path {path}: the directory holds no *.parquet files")
+        elif fs.isfile(root):
+            infos = [fs.info(root)]
+        else:
+            raise InputError(f"input.path {path}: no such file or directory")
+    except InputError:
+        raise
+    except (OSError, ValueError) as e:
+        raise InputError(f"input.path {path}: cannot list it: {e}") from None
+    result = []
+    for info in infos:
+        url = fs.unstrip_protocol(info["name"]) if "://" in path else info["name"]
+        etag = str(info.get("ETag") or info.get("etag") or info.get("mtime") or "")
+        result.append((url, int(info.get("size") or 0), etag.strip('"')))
+    return sorted(result)
+
+
+def _hidden(rel: str) -> bool:
+    return any(part.startswith(("_", ".")) for part in rel.split("/"))
+
+
+def _footer_rows(url: str, options: dict, needed: list[str]) -> int:
+    import pyarrow.parquet as pq
+
+    try:
+        with open_input(url, options) as f:
+            pf = pq.ParquetFile(f)
+            names = set(pf.schema_arrow.names)
+            rows = pf.metadata.num_rows
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for bad files
+        raise InputError(f"{url}: not a readable Parquet file: {e}") from None
+    missing = [c for c in needed if c not in names]
+    if missing:
+        raise SpecError(
+            f"{url}: column(s) {', '.join(missing)} named by the spec (input.prompt_column, "
+            f"input.template, input.id_column or input.columns) are not in the file; it has: "
+            f"{', '.join(sorted(names))}"
+        )
+    return rows

@@ -1,0 +1,188 @@
+"""Every byte in or out of storage goes through here: local paths and s3:// alike, via fsspec.
+
+Writes are whole-object: small JSON documents are written in one put (atomic on S3; a temp file
+plus rename on a local disk), and Parquet files are built on local disk, checked, then uploaded
+whole. Nothing streams into a final key, so a crash never publishes a truncated object.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import uuid
+from functools import cached_property
+from typing import Any
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from batchgen.errors import StorageError
+
+# botocore's own retry machinery handles throttling, 5xx and connection errors with back-off;
+# "adaptive" also rate-limits the client when the server throttles.
+_S3_RETRIES = {"max_attempts": 10, "mode": "adaptive"}
+
+
+def storage_options(url: str, endpoint_url: str | None = None, extra: dict | None = None) -> dict:
+    """fsspec options for ``url``: endpoint and retry settings for S3, nothing for local paths."""
+    options: dict[str, Any] = dict(extra or {})
+    if _protocol(url) in ("s3", "s3a"):
+        if endpoint_url:
+            options.setdefault("endpoint_url", endpoint_url)
+        config = dict(options.pop("config_kwargs", {}) or {})
+        config.setdefault("retries", _S3_RETRIES)
+        options["config_kwargs"] = config
+    return options
+
+
+def _protocol(url: str) -> str:
+    return url.split("://", 1)[0] if "://" in url else "file"
+
+
+class Storage:
+    """A root URL plus an fsspec filesystem; paths given to methods are relative to the root."""
+
+    def __init__(self, url: str, options: dict | None = None):
+        self.url = url.rstrip("/") if url not in ("/",) else url
+        self.options = dict(options or {})
+
+    def __getstate__(self) -> dict:
+        # fsspec filesystems hold event loops and sockets; ship only what rebuilds them.
+        return {"url": self.url, "options": self.options}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["url"], state["options"])
+
+    @cached_property
+    def _fs_root(self) -> tuple[fsspec.AbstractFileSystem, str]:
+        fs, root = url_to_fs(self.url, **self.options)
+        return fs, root
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        return self._fs_root[0]
+
+    @property
+    def root(self) -> str:
+        return self._fs_root[1]
+
+    @property
+    def is_local(self) -> bool:
+        return _protocol(self.url) in ("file", "local")
+
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts) if parts else self.root
+
+    def url_of(self, *parts: str) -> str:
+        return posixpath.join(self.url, *parts)
+
+    # -- reads -----------------------------------------------------------------------------
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self.path(rel))
+
+    def read_json(self, rel: str) -> Any:
+        with self.fs.open(self.path(rel), "rb") as f:
+            return json.loads(f.read())
+
+    def read_json_or_none(self, rel: str) -> Any:
+        try:
+            return self.read_json(rel)
+        except FileNotFoundError:
+            return None
+
+    def list_names(self, rel: str) -> list[str]:
+        """Names directly under ``rel`` in one listing call; empty if it does not exist."""
+        try:
+            entries = self.fs.ls(self.path(rel), detail=False, refresh=True)
+        except FileNotFoundError:
+            return []
+        return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
+
+    def open_read(self, rel: str):
+        return self.fs.open(self.path(rel), "rb")
+
+    # -- writes ----------------------------------------------------------------------------
+
+    def ensure_writable(self) -> None:
+        """Fail early, with the reason, if the output cannot be written."""
+        probe = f"_batchgen/probe-{uuid.uuid4().hex}"
+        try:
+            self.write_bytes(probe, b"ok")
+            self.fs.rm(self.path(probe))
+        except Exception as e:  # noqa: BLE001 - any failure here means "not writable"
+            raise StorageError(f"output.path {self.url}: cannot write there: {e}") from None
+
+    def write_json(self, rel: str, value: Any) -> None:
+        self.write_bytes(rel, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        target = self.path(rel)
+        if self.is_local:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            tmp = f"{target}.tmp-{uuid.uuid4().hex}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, target)
+        else:
+            self.fs.pipe_file(target, data)  # one PUT: the object appears whole or not at all
+
+    def upload(self, local_file: str, rel: str) -> None:
+        """Upload a finished local file whole, in one call."""
+        target = self.path(rel)
+        if self.is_local:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            tmp = f"{target}.tmp-{uuid.uuid4().hex}"
+            self.fs.put_file(local_file, tmp)
+            os.replace(tmp, target)
+        else:
+            self.fs.put_file(local_file, target)
+
+    def publish(self, src_rel: str, dst_rel: str) -> None:
+        """Make ``src`` visible at ``dst``: a rename on a local disk, a server-side copy on S3.
+
+        The bytes never pass through this process. Repeating it overwrites ``dst`` rather than
+        adding a second file, which is what makes a re-commit after a crash harmless.
+        """
+        src, dst = self.path(src_rel), self.path(dst_rel)
+        if self.is_local:
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            os.replace(src, dst)
+        else:
+            self.fs.copy(src, dst)
+
+    def remove(self, rel: str, recursive: bool = False) -> None:
+        try:
+            self.fs.rm(self.path(rel), recursive=recursive)
+        except FileNotFoundError:
+            pass
+
+
+# -- Parquet input ---------------------------------------------------------------------------
+
+
+def open_input(url: str, options: dict):
+    fs, path = url_to_fs(url, **options)
+    return fs.open(path, "rb")
+
+
+def read_rows(url: str, row_start: int, row_count: int, columns: list[str], options: dict):
+    """Rows ``[row_start, row_start + row_count)`` of a Parquet file, reading only the row
+    groups that overlap them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with open_input(url, options) as f:
+        pf = pq.ParquetFile(f)
+        groups, first_row, offset = [], None, 0
+        for i in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(i).num_rows
+            if offset + n > row_start and offset < row_start + row_count:
+                groups.append(i)
+                first_row = offset if first_row is None else first_row
+            offset += n
+        if not groups:
+            return pa.table({c: pa.array([], pf.schema_arrow.field(c).type) for c in columns})
+        table = pf.read_row_groups(groups, columns=columns or None, use_threads=False)
+    return table.slice(row_start - first_row, row_count)
