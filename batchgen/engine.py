@@ -1,0 +1,393 @@
+"""Batched decoding with a Hugging Face causal LM. No Ray, no storage: text in, text out.
+
+Contract: ``Engine.generate(requests)`` returns one ``Completion`` per ``Request`` in the same
+order. A request's output depends only on its prompt tokens and its seed, not on which other
+requests share its batch: padding is on the left with a matching attention mask and position ids,
+and sampling draws Gumbel noise from a ``torch.Generator`` of the request's own, after the usual
+temperature / top-k / top-p warpers (Gumbel-max: ``argmax(log p - log E)``, ``E ~ Exp(1)``).
+
+Batches are cut from requests sorted by prompt length, under both a row limit and a token budget
+(rows x (longest prompt + max_new_tokens)), so padding stays small and long prompts get small
+batches. Rows that finish are dropped from the batch and its KV cache as they go.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from batchgen.errors import ModelError
+from batchgen.spec import GenerationSpec, InputSpec, ModelSpec, ResourcesSpec
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt_ids: tuple[int, ...]
+    seed: int = 0
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str  # "stop" | "length"
+    generated_tokens: int
+    token_ids: list[int] = field(default_factory=list, repr=False)
+
+
+@dataclass
+class EngineStats:
+    batches: int = 0
+    prompt_tokens: int = 0
+    padded_prompt_positions: int = 0
+    generated_tokens: int = 0
+    seconds: float = 0.0
+
+
+class PromptTooLong(ValueError):
+    """The prompt is longer than model.max_input_tokens and truncation is 'error'."""
+
+
+def resolve_device(spec: ModelSpec) -> str:
+    if spec.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if spec.device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("model.device is 'cuda' but no CUDA device is visible to this replica")
+    return spec.device
+
+
+def resolve_dtype(spec: ModelSpec, device: str) -> torch.dtype:
+    if spec.dtype == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return _DTYPES[spec.dtype]
+
+
+def load_tokenizer(spec: ModelSpec):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            spec.path, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+        )
+    except Exception as e:  # noqa: BLE001 - transformers raises many types here
+        raise ModelError(f"model.path {spec.path}: cannot load the tokenizer: {e}") from None
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise ModelError(
+                f"model.path {spec.path}: the tokenizer has neither a pad nor an EOS token"
+            )
+        tok.pad_token = tok.eos_token  # masked out anyway; any id would do
+    return tok
+
+
+def context_length(config: Any, tokenizer: Any) -> int | None:
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(tokenizer, "model_max_length", None)
+    return value if isinstance(value, int) and 0 < value < 10**7 else None
+
+
+def input_budget(model: ModelSpec, gen: GenerationSpec, context: int | None) -> int | None:
+    """The longest prompt allowed, checked against the model's context; raises ModelError."""
+    if context is not None and gen.max_new_tokens >= context:
+        raise ModelError(
+            f"generation.max_new_tokens={gen.max_new_tokens} leaves no room for a prompt in "
+            f"{model.path}'s context of {context} tokens"
+        )
+    if model.max_input_tokens is None:
+        return None if context is None else context - gen.max_new_tokens
+    if context is not None and model.max_input_tokens + gen.max_new_tokens > context:
+        raise ModelError(
+            f"model.max_input_tokens={model.max_input_tokens} + generation.max_new_tokens="
+            f"{gen.max_new_tokens} exceed {model.path}'s context of {context} tokens"
+        )
+    return model.max_input_tokens
+
+
+def check_model(model: ModelSpec, gen: GenerationSpec, inp: InputSpec) -> dict[str, Any]:
+    """Cheap pre-flight in the driver: config and tokenizer load, the context fits, chat works.
+
+    Loads no weights, so a bad model path or an impossible spec fails before replicas start.
+    """
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(
+            model.path, revision=model.revision, trust_remote_code=model.trust_remote_code
+        )
+    except Exception as e:  # noqa: BLE001
+        raise ModelError(f"model.path {model.path}: cannot load the model config: {e}") from None
+    tok = load_tokenizer(model)
+    if inp.chat and not getattr(tok, "chat_template", None):
+        raise ModelError(
+            f"input.chat is true but {model.path} has no chat template; set input.chat: false "
+            "or use a chat model"
+        )
+    context = context_length(config, tok)
+    return {"context": context, "max_input_tokens": input_budget(model, gen, context)}
+
+
+class Engine:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        generation: GenerationSpec,
+        *,
+        max_input_tokens: int | None,
+        truncation: str = "left",
+        batch_size: int = 32,
+        max_batch_tokens: int = 32768,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.gen = generation
+        self.max_input_tokens = max_input_tokens
+        self.truncation = truncation
+        self.batch_size = batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.device = next(model.parameters()).device
+        self.pad_id = tokenizer.pad_token_id
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.stats = EngineStats()
+        longest_stop = max((len(s) for s in generation.stop), default=0)
+        self._stop_window = 2 * longest_stop + 4  # tokens re-decoded to look for a stop string
+
+    @classmethod
+    def load(
+        cls, model: ModelSpec, generation: GenerationSpec, resources: ResourcesSpec
+    ) -> Engine:
+        from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # one bar per replica per load is noise in job logs
+        device = resolve_device(model)
+        if device == "cpu":
+            # One replica per cpus_per_replica cores: more threads only contend.
+            torch.set_num_threads(max(1, int(resources.cpus_per_replica)))
+        tokenizer = load_tokenizer(model)
+        try:
+            lm = AutoModelForCausalLM.from_pretrained(
+                model.path,
+                revision=model.revision,
+                dtype=resolve_dtype(model, device),
+                trust_remote_code=model.trust_remote_code,
+            )
+        except Exception as e:  # noqa: BLE001
+            raise ModelError(f"model.path {model.path}: cannot load the model: {e}") from None
+        lm.to(device).eval()
+        budget = input_budget(model, generation, context_length(lm.config, tokenizer))
+        return cls(
+            lm,
+            tokenizer,
+            generation,
+            max_input_tokens=budget,
+            truncation=model.truncation,
+            batch_size=resources.batch_size,
+            max_batch_tokens=resources.max_batch_tokens,
+        )
+
+    # -- prompts ---------------------------------------------------------------------------
+
+    def apply_chat(self, messages: list[dict[str, str]]) -> str:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ModelError("input.chat is true but the model has no chat template")
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+
+    def tokenize(self, texts: list[str], *, chat: bool = False) -> list[list[int]]:
+        # A chat template already writes the model's special tokens; adding them again doubles BOS.
+        return self.tokenizer(list(texts), add_special_tokens=not chat)["input_ids"]
+
+    def fit(self, ids: list[int]) -> tuple[int, ...]:
+        """Apply model.max_input_tokens and model.truncation; raises PromptTooLong."""
+        limit = self.max_input_tokens
+        if limit is None or len(ids) <= limit:
+            return tuple(ids)
+        if self.truncation == "error":
+            raise PromptTooLong(
+                f"prompt has {len(ids)} tokens, more than model.max_input_tokens={limit} "
+                "(set model.truncation to left or right to cut it instead)"
+            )
+        return tuple(ids[-limit:] if self.truncation == "left" else ids[:limit])
+
+    # -- generation ------------------------------------------------------------------------
+
+    def plan_batches(self, lengths: list[int]) -> list[list[int]]:
+        """Indices grouped into batches, longest prompts first, under both limits."""
+        order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+        batches: list[list[int]] = []
+        current: list[int] = []
+        longest = 0
+        for i in order:
+            longest_if = max(longest, lengths[i])
+            cost = (len(current) + 1) * (longest_if + self.gen.max_new_tokens)
+            if current and (len(current) >= self.batch_size or cost > self.max_batch_tokens):
+                batches.append(current)
+                current, longest_if = [], lengths[i]
+            current.append(i)
+            longest = longest_if
+        if current:
+            batches.append(current)
+        return batches
+
+    def generate(self, requests: list[Request]) -> list[Completion]:
+        results: list[Completion | None] = [None] * len(requests)
+        for batch in self.plan_batches([len(r.prompt_ids) for r in requests]):
+            for i, completion in zip(batch, self._generate_batch([requests[i] for i in batch])):
+                results[i] = completion
+        return results  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def _generate_batch(self, requests: list[Request]) -> list[Completion]:
+        started = time.perf_counter()
+        B = len(requests)
+        L = max(len(r.prompt_ids) for r in requests)
+        dev = self.device
+
+        # 1. Left-pad prompts; position ids count only real tokens.
+        input_ids = torch.full((B, L), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((B, L), dtype=torch.long)
+        for row, r in enumerate(requests):
+            n = len(r.prompt_ids)
+            input_ids[row, L - n :] = torch.tensor(r.prompt_ids, dtype=torch.long)
+            mask[row, L - n :] = 1
+        input_ids, mask = input_ids.to(dev), mask.to(dev)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+
+        sampler = _Sampler(self.gen, requests, input_ids, mask, self.model.config, dev)
+
+        # 2. Prefill.
+        out = self.model(
+            input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True
+        )
+        cache = out.past_key_values
+        logits = out.logits[:, -1, :].float()
+        next_pos = positions[:, -1:] + 1
+
+        # 3. Decode until every row has stopped; finished rows leave the batch.
+        active = list(range(B))  # batch row -> request index
+        generated: list[list[int]] = [[] for _ in range(B)]
+        reasons = ["length"] * B
+        for step in range(self.gen.max_new_tokens):
+            tokens = sampler.choose(logits).tolist()
+            still = []
+            for row, (req, tok) in enumerate(zip(active, tokens)):
+                generated[req].append(tok)
+                if tok in self.eos_ids or self._hit_stop(generated[req]):
+                    reasons[req] = "stop"
+                else:
+                    still.append(row)
+            if not still or step == self.gen.max_new_tokens - 1:
+                break
+            step_tokens = torch.tensor(tokens, dtype=torch.long, device=dev)[:, None]
+            if len(still) < len(active):
+                keep = torch.tensor(still, device=dev)
+                cache.batch_select_indices(keep)
+                mask, next_pos, step_tokens = mask[keep], next_pos[keep], step_tokens[keep]
+                sampler.select(keep, still)
+                active = [active[row] for row in still]
+            mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
+            out = self.model(
+                input_ids=step_tokens,
+                attention_mask=mask,
+                position_ids=next_pos,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            logits = out.logits[:, -1, :].float()
+            next_pos = next_pos + 1
+            sampler.observe(step_tokens[:, 0])
+
+        # 4. Detokenize and cut at the first stop string.
+        completions = [self._finish(ids, reason) for ids, reason in zip(generated, reasons)]
+        s = self.stats
+        s.batches += 1
+        s.prompt_tokens += sum(len(r.prompt_ids) for r in requests)
+        s.padded_prompt_positions += B * L
+        s.generated_tokens += sum(c.generated_tokens for c in completions)
+        s.seconds += time.perf_counter() - started
+        return completions
+
+    def _hit_stop(self, ids: list[int]) -> bool:
+        if not self.gen.stop:
+            return False
+        tail = self.tokenizer.decode(ids[-self._stop_window :], skip_special_tokens=True)
+        return any(s in tail for s in self.gen.stop)
+
+    def _finish(self, ids: list[int], reason: str) -> Completion:
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        cut = min((i for i in (text.find(s) for s in self.gen.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            text, reason = text[:cut], "stop"
+        return Completion(text, reason, len(ids), ids)
+
+
+class _Sampler:
+    """Greedy or seeded sampling over a batch whose rows may be dropped as they finish."""
+
+    def __init__(self, gen: GenerationSpec, requests, input_ids, mask, config, device):
+        self.gen = gen
+        self.generators = None
+        if not gen.greedy:
+            self.generators = [
+                torch.Generator(device=device).manual_seed(r.seed) for r in requests
+            ]
+        self.seen = None
+        if gen.repetition_penalty != 1.0:
+            vocab = config.vocab_size
+            self.seen = torch.zeros((len(requests), vocab), dtype=torch.bool, device=device)
+            self.seen.scatter_(1, input_ids, mask.bool())
+
+    def select(self, keep: torch.Tensor, rows: list[int]) -> None:
+        if self.generators is not None:
+            self.generators = [self.generators[r] for r in rows]
+        if self.seen is not None:
+            self.seen = self.seen[keep]
+
+    def observe(self, tokens: torch.Tensor) -> None:
+        if self.seen is not None:
+            self.seen[torch.arange(len(tokens), device=tokens.device), tokens] = True
+
+    def choose(self, logits: torch.Tensor) -> torch.Tensor:
+        g = self.gen
+        if self.seen is not None:
+            penalized = torch.where(
+                logits > 0, logits / g.repetition_penalty, logits * g.repetition_penalty
+            )
+            logits = torch.where(self.seen[:, : logits.shape[-1]], penalized, logits)
+        if g.greedy:
+            return logits.argmax(dim=-1)
+        logits = logits / g.temperature
+        if g.top_k:
+            k = min(g.top_k, logits.shape[-1])
+            kth = torch.topk(logits, k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if g.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+            probs = sorted_logits.softmax(dim=-1)
+            drop = probs.cumsum(dim=-1) - probs > g.top_p  # always keeps the likeliest token
+            logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+        logp = logits.log_softmax(dim=-1)
+        noise = torch.empty_like(logp)
+        for row, gen in enumerate(self.generators):
+            noise[row].exponential_(generator=gen)
+        return (logp - noise.log()).argmax(dim=-1)
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    for value in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+    return ids
