@@ -1,0 +1,347 @@
+"""The Ray driver: the only module that imports Ray.
+
+validate → plan (or read the stored plan) → start replicas → feed shards → commit → finalize.
+
+Replicas are actors with ``max_restarts=-1, max_task_retries=0``: Ray restarts a dead process but
+never re-runs a task, because a task has side effects (a staged upload); the driver owns retries.
+Each replica holds up to two shards (one running, one queued), so it never idles while the driver
+commits. Results travel back as small dicts; rows never pass through the driver.
+
+Commit, for a result whose attempt is still current: publish the staged file at
+``data/part-<shard>.parquet`` (rename locally, server-side copy on S3), write the done marker, then
+delete staging. A result from an attempt the driver gave up on is discarded with its staging.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections import deque
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from typing import Any, Callable
+
+import ray
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
+
+from batchgen.engine import check_model
+from batchgen.errors import BatchgenError, JobFailed, StorageError
+from batchgen.plan import Plan, Shard, make_plan
+from batchgen.progress import Display, JobProgress, now_iso
+from batchgen.spec import JobSpec
+from batchgen.storage import Storage
+from batchgen.worker import ShardWorker, output_storage
+
+IN_FLIGHT_PER_REPLICA = 2
+STATUS_EVERY_S = 2.0
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0)
+class ReplicaActor:
+    """One model replica; wraps a ShardWorker."""
+
+    def __init__(self, spec: dict[str, Any]):
+        self.worker = ShardWorker(JobSpec.model_validate(spec))
+        self.node = ray.get_runtime_context().get_node_id()
+
+    def run(self, shard: dict[str, Any], attempt: str) -> dict[str, Any]:
+        result = self.worker.run(Shard(**shard), attempt).to_dict()
+        result["node_id"] = self.node
+        return result
+
+
+@dataclass
+class JobSummary:
+    output: str
+    state: str
+    shards: int
+    rows: int
+    outputs: int
+    errors: int
+    generated_tokens: int
+    tokens_per_second: float
+    seconds: float
+
+
+def data_path(shard_id: str) -> str:
+    return f"data/part-{shard_id}.parquet"
+
+
+def run_job(
+    spec: JobSpec,
+    *,
+    address: str | None = None,
+    live: bool | None = None,
+    log: Callable[[str], None] | None = None,
+) -> JobSummary:
+    started = time.monotonic()
+    out = output_storage(spec)
+    say = log or (lambda s: print(s, flush=True))
+
+    # 1. Validate everything cheap before any replica starts.
+    out.ensure_writable()
+    plan = _plan_or_resume(spec, out)
+    check_model(spec.model, spec.generation, spec.input)
+    done_ids = {name.removesuffix(".json") for name in out.list_names("_batchgen/done")}
+    pending = [s for s in plan.shards if s.shard_id not in done_ids]
+
+    progress = JobProgress(
+        name=spec.name,
+        output=spec.output.path,
+        total_shards=len(plan.shards),
+        total_rows=plan.total_rows,
+        n=spec.generation.n,
+    )
+    progress.resume_from(_read_markers(out, sorted(done_ids)))
+    out.write_json("status.json", progress.status())
+    if done_ids:
+        say(f"resuming: {len(done_ids)} of {len(plan.shards)} shards already committed")
+
+    # 2. Run the pending shards on Ray.
+    started_ray = _connect(address)
+    try:
+        progress.start()
+        out.write_json("status.json", progress.status())
+        if pending:
+            with Display(progress, live=live, log=log) as display:
+                _Scheduler(spec, out, progress, display, say).run(pending)
+    except KeyboardInterrupt:
+        progress.finish("cancelled", "stopped by the user")
+        out.write_json("status.json", progress.status())
+        raise BatchgenError(
+            f"cancelled; committed shards are kept. Resume with: batchgen run <job.yaml> "
+            f"(output {spec.output.path})"
+        ) from None
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+    # 3. Finalize: manifest and _SUCCESS only when every shard is committed.
+    if progress.failed_shards:
+        msg = (
+            f"{len(progress.failed_shards)} shard(s) failed after "
+            f"{spec.resources.max_attempts} attempts: {', '.join(progress.failed_shards[:10])}; "
+            f"see {out.url_of('_batchgen/failed')}/. The other shards are committed; run the "
+            "same job again to retry only the failed ones."
+        )
+        progress.finish("failed", msg)
+        out.write_json("status.json", progress.status())
+        raise JobFailed(msg)
+    progress.state = "finalizing"
+    out.write_json("status.json", progress.status())
+    markers = _read_markers(out, [s.shard_id for s in plan.shards])
+    out.write_json("manifest.json", _manifest(spec, plan, markers))
+    out.write_bytes("_SUCCESS", b"")
+    progress.finish("completed")
+    out.write_json("status.json", progress.status())
+    return JobSummary(
+        output=spec.output.path,
+        state="completed",
+        shards=len(plan.shards),
+        rows=progress.rows_done,
+        outputs=progress.outputs_done,
+        errors=progress.error_rows,
+        generated_tokens=progress.generated_tokens,
+        tokens_per_second=progress.tokens_per_second,
+        seconds=time.monotonic() - started,
+    )
+
+
+def _plan_or_resume(spec: JobSpec, out: Storage) -> Plan:
+    """The stored plan if this output already holds this job; a new one, written, if empty."""
+    fresh = make_plan(spec)
+    stored = out.read_json_or_none("plan.json")
+    if stored is None:
+        out.write_json("job.json", _job_doc(spec, fresh))
+        out.write_json("plan.json", fresh.to_json())
+        return fresh
+    old = Plan.from_json(stored)
+    if old.fingerprint != fresh.fingerprint:
+        changed = [k for k, v in fresh.fingerprint_parts.items() if old.fingerprint_parts.get(k) != v]
+        raise StorageError(
+            f"output.path {spec.output.path} holds a different job (changed: "
+            f"{', '.join(changed)}); use a new output.path, or remove the old output"
+        )
+    return old
+
+
+def _job_doc(spec: JobSpec, plan: Plan) -> dict[str, Any]:
+    versions = {}
+    for pkg in ("batchgen", "ray", "torch", "transformers", "pyarrow"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return {
+        "spec": spec.model_dump(mode="json"),
+        "fingerprint": plan.fingerprint,
+        "fingerprint_parts": plan.fingerprint_parts,
+        "versions": versions,
+        "created_at": now_iso(),
+    }
+
+
+def _read_markers(out: Storage, shard_ids: list[str]) -> list[dict[str, Any]]:
+    if not shard_ids:
+        return []
+    import json
+
+    paths = [out.path(f"_batchgen/done/{sid}.json") for sid in shard_ids]
+    blobs = out.fs.cat(paths)  # concurrent on S3: one batch, not one round trip per shard
+    return [json.loads(blobs[p]) for p in paths]
+
+
+def _manifest(spec: JobSpec, plan: Plan, markers: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "name": spec.name,
+        "fingerprint": plan.fingerprint,
+        "input_rows": plan.total_rows,
+        "samples_per_row": spec.generation.n,
+        "output_rows": sum(m["outputs"] for m in markers),
+        "error_rows": sum(m["errors"] for m in markers),
+        "prompt_tokens": sum(m["prompt_tokens"] for m in markers),
+        "generated_tokens": sum(m["generated_tokens"] for m in markers),
+        "files": [
+            {"path": m["file"], "shard_id": m["shard_id"], "rows": m["outputs"]} for m in markers
+        ],
+        "completed_at": now_iso(),
+    }
+
+
+def _connect(address: str | None) -> bool:
+    """Join ``address`` (or RAY_ADDRESS), or start a private local Ray. True if we started it."""
+    if ray.is_initialized():
+        return False
+    target = address or os.environ.get("RAY_ADDRESS")
+    if target:
+        ray.init(address=target, log_to_driver=True)
+    else:
+        # A fresh local instance pinned to loopback, never some other cluster found on the host.
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
+    return True
+
+
+class _Scheduler:
+    """An own ray.wait loop over {ref: (shard, attempt, replica)}: dead replicas are replaced and
+    their shards requeued, which ray.util.ActorPool does not do."""
+
+    def __init__(self, spec, out, progress, display, say):
+        self.spec: JobSpec = spec
+        self.out: Storage = out
+        self.progress: JobProgress = progress
+        self.display: Display = display
+        self.say = say
+        self.payload = spec.model_dump(mode="json")
+        self.replicas: list[Any] = []
+        self.load: list[int] = []
+        self.inflight: dict[Any, tuple[Shard, str, int, Any]] = {}
+        self.current: dict[str, str] = {}
+        self.attempts: dict[str, int] = {}
+        self.replacements = 0
+        self.last_status = 0.0
+
+    def _new_replica(self):
+        r = self.spec.resources
+        return ReplicaActor.options(num_cpus=r.cpus_per_replica, num_gpus=r.gpus_per_replica).remote(
+            self.payload
+        )
+
+    def run(self, pending: list[Shard]) -> None:
+        queue = deque(pending)
+        count = min(self.spec.resources.replicas, len(pending))
+        self.replicas = [self._new_replica() for _ in range(count)]
+        self.load = [0] * count
+        try:
+            while queue or self.inflight:
+                self._feed(queue)
+                ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=1.0)
+                for ref in ready:
+                    self._collect(ref, queue)
+                self.display.update()
+                self._write_status()
+        finally:
+            for actor in self.replicas:
+                ray.kill(actor, no_restart=True)
+        self.display.update(force=True)
+
+    def _feed(self, queue: deque) -> None:
+        for idx in sorted(range(len(self.replicas)), key=lambda i: self.load[i]):
+            while queue and self.load[idx] < IN_FLIGHT_PER_REPLICA:
+                shard = queue.popleft()
+                attempt = uuid.uuid4().hex[:12]
+                self.current[shard.shard_id] = attempt
+                self.attempts[shard.shard_id] = self.attempts.get(shard.shard_id, 0) + 1
+                ref = self.replicas[idx].run.remote(asdict(shard), attempt)
+                self.inflight[ref] = (shard, attempt, idx, self.replicas[idx])
+                self.load[idx] += 1
+        self.progress.running = len(self.inflight)
+
+    def _collect(self, ref, queue: deque) -> None:
+        shard, attempt, idx, actor = self.inflight.pop(ref)
+        if self.replicas[idx] is actor:
+            self.load[idx] -= 1
+        try:
+            result = ray.get(ref)
+        except (ActorUnavailableError, GetTimeoutError) as e:
+            time.sleep(1.0)  # restarting or its node is unreachable: give it a moment
+            self._retry(shard, queue, f"replica unavailable: {_short(e)}")
+        except RayActorError as e:
+            if self.replicas[idx] is actor:  # its other queued shard fails the same way
+                self._replace(idx, e)
+            self._retry(shard, queue, f"replica died: {_short(e)}")
+        except RayTaskError as e:
+            self._retry(shard, queue, _short(e.cause if e.cause is not None else e))
+        else:
+            if self.current.get(shard.shard_id) != result["attempt"]:
+                self.out.remove(result["staged"])  # a zombie attempt: never reaches data/
+            else:
+                self._commit(shard, result)
+
+    def _commit(self, shard: Shard, result: dict[str, Any]) -> None:
+        final = data_path(shard.shard_id)
+        self.out.publish(result["staged"], final)
+        marker = {
+            **result,
+            "file": final,
+            "attempts": self.attempts[shard.shard_id],
+            "committed_at": now_iso(),
+        }
+        marker.pop("staged")
+        self.out.write_json(f"_batchgen/done/{shard.shard_id}.json", marker)
+        self.out.remove(f"_batchgen/staging/{shard.shard_id}", recursive=True)
+        self.current.pop(shard.shard_id, None)
+        self.progress.committed(marker)
+
+    def _retry(self, shard: Shard, queue: deque, reason: str) -> None:
+        self.current.pop(shard.shard_id, None)
+        if self.attempts[shard.shard_id] < self.spec.resources.max_attempts:
+            self.say(f"shard {shard.shard_id}: attempt {self.attempts[shard.shard_id]} failed ({reason}); retrying")
+            queue.append(shard)
+            return
+        self.say(f"shard {shard.shard_id}: failed after {self.attempts[shard.shard_id]} attempts: {reason}")
+        self.progress.failed_shards.append(shard.shard_id)
+        self.out.write_json(
+            f"_batchgen/failed/{shard.shard_id}.json",
+            {**asdict(shard), "attempts": self.attempts[shard.shard_id], "error": reason, "failed_at": now_iso()},
+        )
+
+    def _replace(self, idx: int, error: Exception) -> None:
+        self.replacements += 1
+        limit = len(self.replicas) * self.spec.resources.max_attempts
+        if getattr(error, "actor_init_failed", False) or self.replacements > limit:
+            raise BatchgenError(f"model replicas cannot start: {_short(error)}") from None
+        ray.kill(self.replicas[idx], no_restart=True)
+        self.replicas[idx] = self._new_replica()
+        self.load[idx] = 0
+
+    def _write_status(self, force: bool = False) -> None:
+        if force or time.monotonic() - self.last_status >= STATUS_EVERY_S:
+            self.last_status = time.monotonic()
+            self.out.write_json("status.json", self.progress.status())
+
+
+def _short(error: BaseException, limit: int = 500) -> str:
+    text = str(error).strip().splitlines()
+    msg = text[-1] if text else type(error).__name__
+    return msg[:limit]

@@ -1,0 +1,34 @@
+"""Reading a job's state from its output alone, with no cluster.
+
+``status.json`` is written by the driver as it goes; the commit markers are the ground truth, so
+shard counts are taken from one listing of ``_batchgen/done/`` and ``_batchgen/failed/``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from batchgen.errors import StorageError
+from batchgen.storage import Storage, storage_options
+
+
+def read_status(output: str, endpoint_url: str | None = None) -> dict[str, Any]:
+    out = Storage(output, storage_options(output, endpoint_url))
+    status = out.read_json_or_none("status.json")
+    plan = out.read_json_or_none("plan.json") if status is None else None
+    if status is None and plan is None:
+        raise StorageError(f"{output}: no batchgen job here (no status.json or plan.json)")
+    done = out.list_names("_batchgen/done")
+    failed = out.list_names("_batchgen/failed")
+    if status is None:  # planned, but the driver never wrote a status
+        total = len(plan["shards"])
+        status = {
+            "state": "validating",
+            "shards": {"total": total, "running": 0},
+            "request_counts": {"total": None, "completed": None, "failed": None},
+        }
+    status["shards"]["completed"] = len(done)
+    status["shards"]["failed"] = len(failed)
+    if out.exists("_SUCCESS"):
+        status["state"] = "completed"
+    return status
