@@ -152,6 +152,19 @@ def status(output, endpoint_url, as_json):
         click.echo(f"error:    {st['error']}")
 
 
+@main.command()
+@click.argument("output")
+@click.option("-n", "--rows", default=5, show_default=True, help="Rows to show.")
+@click.option("--endpoint-url", default=None, help="S3 endpoint, as storage.endpoint_url.")
+def show(output, rows, endpoint_url):
+    """Print the first rows of a job's output (local or s3://)."""
+    from batchgen.status import head_rows
+
+    for r in head_rows(output, rows, endpoint_url):
+        text = (r["generation"] if r["error"] is None else f"ERROR: {r['error']}") or ""
+        click.echo(f"{r['row_id']}#{r['sample_index']} [{r['finish_reason']}] {text!r}")
+
+
 @main.command("init-model")
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--seed", default=0, show_default=True)

@@ -81,8 +81,11 @@ def run_job(
 
     # 1. Validate everything cheap before any replica starts.
     out.ensure_writable()
-    plan = _plan_or_resume(spec, out)
+    plan, is_new = _plan_or_resume(spec, out)
     check_model(spec.model, spec.generation, spec.input)
+    if is_new:  # written before any generation, and only once everything checked out
+        out.write_json("job.json", _job_doc(spec, plan))
+        out.write_json("plan.json", plan.to_json())
     done_ids = {name.removesuffix(".json") for name in out.list_names("_batchgen/done")}
     pending = [s for s in plan.shards if s.shard_id not in done_ids]
 
@@ -148,14 +151,12 @@ def run_job(
     )
 
 
-def _plan_or_resume(spec: JobSpec, out: Storage) -> Plan:
-    """The stored plan if this output already holds this job; a new one, written, if empty."""
+def _plan_or_resume(spec: JobSpec, out: Storage) -> tuple[Plan, bool]:
+    """The stored plan if this output already holds this job, else a new one (not yet written)."""
     fresh = make_plan(spec)
     stored = out.read_json_or_none("plan.json")
     if stored is None:
-        out.write_json("job.json", _job_doc(spec, fresh))
-        out.write_json("plan.json", fresh.to_json())
-        return fresh
+        return fresh, True
     old = Plan.from_json(stored)
     if old.fingerprint != fresh.fingerprint:
         changed = [k for k, v in fresh.fingerprint_parts.items() if old.fingerprint_parts.get(k) != v]
@@ -163,7 +164,7 @@ def _plan_or_resume(spec: JobSpec, out: Storage) -> Plan:
             f"output.path {spec.output.path} holds a different job (changed: "
             f"{', '.join(changed)}); use a new output.path, or remove the old output"
         )
-    return old
+    return old, False
 
 
 def _job_doc(spec: JobSpec, plan: Plan) -> dict[str, Any]:

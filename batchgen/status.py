@@ -32,3 +32,21 @@ def read_status(output: str, endpoint_url: str | None = None) -> dict[str, Any]:
     if out.exists("_SUCCESS"):
         status["state"] = "completed"
     return status
+
+
+def head_rows(output: str, n: int, endpoint_url: str | None = None) -> list[dict[str, Any]]:
+    """The first ``n`` output rows, reading only the first committed files."""
+    import pyarrow.parquet as pq
+
+    out = Storage(output, storage_options(output, endpoint_url))
+    names = [x for x in out.list_names("data") if x.endswith(".parquet")]
+    if not names:
+        raise StorageError(f"{output}: no committed output yet (data/ is empty)")
+    rows: list[dict[str, Any]] = []
+    for name in names:
+        with out.open_read(f"data/{name}") as f:
+            # pq.read_table on a Python file object aborts the process at exit (pyarrow 26)
+            rows += pq.ParquetFile(f).read().slice(0, n - len(rows)).to_pylist()
+        if len(rows) >= n:
+            break
+    return rows
