@@ -1,0 +1,96 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from batchgen.cli import main
+from conftest import BIN, spec_dict
+
+
+def write_job(tmp_path, raw) -> str:
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def test_help_lists_commands_and_flags_name_their_keys():
+    r = CliRunner().invoke(main, ["--help"])
+    assert r.exit_code == 0
+    for cmd in ("run", "plan", "status", "show", "init-model"):
+        assert cmd in r.output
+    r = CliRunner().invoke(main, ["run", "--help"])
+    assert "Overrides resources.replicas" in r.output and "Overrides output.path" in r.output
+
+
+def test_bad_spec_is_one_clean_line_and_exit_2(tmp_path, prompts_dir):
+    raw = spec_dict(str(prompts_dir), str(tmp_path / "out"), "m", generation={"top_p": 1.5})
+    job = write_job(tmp_path, raw)
+    r = CliRunner().invoke(main, ["run", job])
+    assert r.exit_code == 2
+    assert r.output.strip() == f"error: {job}: generation.top_p: Input should be less than or equal to 1, got 1.5"
+    assert "Traceback" not in r.output
+
+
+def test_missing_input_and_bad_override(tmp_path):
+    job = write_job(tmp_path, spec_dict(str(tmp_path / "nope"), str(tmp_path / "out"), "m"))
+    r = CliRunner().invoke(main, ["plan", job])
+    assert r.exit_code == 2 and f"input.path {tmp_path / 'nope'}: no such file or directory" in r.output
+    r = CliRunner().invoke(main, ["plan", job, "--set", "resources.shard_rows=-3"])
+    assert r.exit_code == 2 and "resources.shard_rows: Input should be greater than or equal to 1, got -3" in r.output
+
+
+def test_plan_shows_shards_and_token_estimate(tmp_path, prompts_dir, tiny_model):
+    job = write_job(tmp_path, spec_dict(str(prompts_dir), str(tmp_path / "out"), tiny_model))
+    r = CliRunner().invoke(main, ["plan", job, "--json", "--set", "resources.shard_rows=20"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.output)
+    assert summary["rows"] == 80 and summary["files"] == 3 and summary["shards"] == 5
+    assert 5 < summary["prompt_tokens_per_row"] < 40
+    assert not (tmp_path / "out").exists()  # planning writes nothing
+    r = CliRunner().invoke(main, ["plan", job])
+    assert "80 rows" in r.output and "000000" in r.output
+
+
+def test_status_of_missing_output(tmp_path):
+    r = CliRunner().invoke(main, ["status", str(tmp_path)])
+    assert r.exit_code == 2 and "no batchgen job here" in r.output
+
+
+def test_init_model_builds_a_loadable_model(tmp_path):
+    r = CliRunner().invoke(main, ["init-model", str(tmp_path / "m")])
+    assert r.exit_code == 0, r.output
+    from transformers import AutoConfig, AutoTokenizer
+
+    assert AutoConfig.from_pretrained(tmp_path / "m").model_type == "llama"
+    assert AutoTokenizer.from_pretrained(tmp_path / "m").chat_template
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_real_subprocess_run_then_status_and_show(tmp_path, prompts_dir, tiny_model):
+    out = tmp_path / "out"
+    job = write_job(tmp_path, spec_dict(str(prompts_dir), str(out), tiny_model))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(
+        [str(BIN / "batchgen"), "run", job, "--replicas", "2", "--no-progress"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "completed: 80 rows, 80 outputs (0 errors)" in proc.stdout
+    assert "[in_progress] shards 7/7, rows 80/80" in proc.stderr  # log lines when not a TTY
+    r = CliRunner().invoke(main, ["status", str(out)])
+    assert "state:    completed" in r.output and "shards:   7/7 committed" in r.output
+    r = CliRunner().invoke(main, ["show", str(out), "-n", "3"])
+    assert r.exit_code == 0 and r.output.startswith("r00000#0 [")
+    assert len(r.output.strip().splitlines()) == 3
+
+
+def test_import_cli_loads_no_heavy_modules():
+    code = ("import sys, batchgen.cli; "
+            "print([m for m in ('torch', 'transformers', 'ray', 'pyarrow') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

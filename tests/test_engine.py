@@ -1,0 +1,136 @@
+import pytest
+
+from batchgen.engine import Engine, PromptTooLong, Request, check_model
+from batchgen.errors import ModelError
+from batchgen.spec import GenerationSpec, InputSpec, ModelSpec, ResourcesSpec
+
+PROMPTS = [
+    "x",
+    "The cat",
+    "Write one sentence about tea.",
+    "A robot builds a quiet garden in the morning. " * 6,
+    "The old town remembers the long road before the rain. " * 20,  # ~200 tokens
+    "<|user|>\nWrite one sentence about birds.<|end|>\n<|assistant|>\n",
+]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    return Engine.load(
+        ModelSpec(path=tiny_model), GenerationSpec(max_new_tokens=20), ResourcesSpec(batch_size=4)
+    )
+
+
+def with_gen(engine, **kw):
+    engine.gen = GenerationSpec(**kw)
+    engine._stop_window = 2 * max((len(s) for s in engine.gen.stop), default=0) + 4
+    return engine
+
+
+def requests(engine, texts=PROMPTS, seed=0):
+    return [Request(engine.fit(ids), seed + i) for i, ids in enumerate(engine.tokenize(texts))]
+
+
+def test_batched_greedy_equals_one_at_a_time(engine):
+    with_gen(engine, max_new_tokens=20)
+    reqs = requests(engine)
+    lengths = sorted(len(r.prompt_ids) for r in reqs)
+    assert lengths[0] == 1 and lengths[-1] > 150  # very different lengths share batches
+    batched = engine.generate(reqs)
+    alone = [engine.generate([r])[0] for r in reqs]
+    assert [c.token_ids for c in batched] == [c.token_ids for c in alone]
+    assert [c.text for c in batched] == [c.text for c in alone]
+    assert all(c.generated_tokens > 0 for c in batched) and sum(bool(c.text) for c in batched) >= 4
+
+
+def test_seeded_sampling_is_independent_of_batching(engine):
+    with_gen(engine, max_new_tokens=20, temperature=1.0, top_p=0.9, top_k=40, n=2,
+             repetition_penalty=1.1)
+    reqs = requests(engine, seed=100)
+    batched = [c.text for c in engine.generate(reqs)]
+    alone = [engine.generate([r])[0].text for r in reqs]
+    engine.batch_size = 2
+    pairs = [c.text for c in engine.generate(reqs)]
+    engine.batch_size = 4
+    assert batched == alone == pairs
+    other_seeds = [c.text for c in engine.generate(requests(engine, seed=999))]
+    assert other_seeds != batched
+
+
+def test_max_new_tokens_and_length_finish(engine):
+    with_gen(engine, max_new_tokens=3)
+    out = engine.generate(requests(engine))
+    assert all(c.generated_tokens <= 3 for c in out)
+    assert any(c.finish_reason == "length" and c.generated_tokens == 3 for c in out)
+
+
+def test_eos_stops_generation(engine):
+    with_gen(engine, max_new_tokens=60)
+    out = engine.generate(requests(engine, [PROMPTS[-1]]))[0]
+    # the tiny model was trained to end chat answers with <|end|>
+    assert out.finish_reason == "stop" and out.token_ids[-1] in engine.eos_ids
+    assert "<|end|>" not in out.text
+
+
+def test_stop_string_cuts_output(engine):
+    with_gen(engine, max_new_tokens=30)
+    full = engine.generate(requests(engine, ["The cat"]))[0]
+    words = full.text.split()
+    assert len(words) >= 4
+    stop = " " + words[2]
+    with_gen(engine, max_new_tokens=30, stop=[stop, "never-appears"])
+    cut = engine.generate(requests(engine, ["The cat"]))[0]
+    assert cut.text == full.text[: full.text.index(stop)]
+    assert cut.finish_reason == "stop"
+    assert cut.generated_tokens < full.generated_tokens  # decoding stopped early
+
+
+def test_truncation_sides_and_error(engine, tiny_model):
+    with_gen(engine, max_new_tokens=8)
+    engine.max_input_tokens = 10
+    ids = list(range(20, 60))
+    engine.truncation = "left"
+    assert engine.fit(ids) == tuple(ids[-10:])
+    engine.truncation = "right"
+    assert engine.fit(ids) == tuple(ids[:10])
+    engine.truncation = "error"
+    with pytest.raises(PromptTooLong, match="40 tokens, more than model.max_input_tokens=10"):
+        engine.fit(ids)
+    assert engine.fit(ids[:10]) == tuple(ids[:10])
+    engine.truncation, engine.max_input_tokens = "left", 512 - 20
+
+
+def test_prompt_longer_than_context_is_truncated_and_runs(tiny_model):
+    e = Engine.load(ModelSpec(path=tiny_model), GenerationSpec(max_new_tokens=16), ResourcesSpec())
+    assert e.max_input_tokens == 512 - 16
+    (ids,) = e.tokenize(["The river sees the moon. " * 200])
+    assert len(ids) > 512
+    out = e.generate([Request(e.fit(ids))])[0]
+    assert 0 < out.generated_tokens <= 16
+
+
+def test_batches_respect_size_and_token_budget(engine):
+    with_gen(engine, max_new_tokens=10)
+    engine.batch_size, engine.max_batch_tokens = 4, 199
+    lengths = [5, 90, 3, 40, 40, 7, 7, 7, 7, 7, 1]
+    batches = engine.plan_batches(lengths)
+    engine.batch_size, engine.max_batch_tokens = 4, 32768
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) <= 4
+        assert len(b) == 1 or len(b) * (max(lengths[i] for i in b) + 10) <= 199
+    assert batches[0] == [1]  # longest first, alone: 2 x (90 + 10) > 199
+
+
+def test_tokenizer_without_pad_falls_back_to_eos(engine):
+    assert engine.tokenizer.pad_token_id == engine.tokenizer.eos_token_id is not None
+
+
+def test_check_model_catches_bad_specs_before_loading_weights(tiny_model, tmp_path):
+    info = check_model(ModelSpec(path=tiny_model), GenerationSpec(), InputSpec(path="x", chat=True))
+    assert info["context"] == 512
+    with pytest.raises(ModelError, match="exceed .*context of 512 tokens"):
+        check_model(ModelSpec(path=tiny_model, max_input_tokens=400),
+                    GenerationSpec(max_new_tokens=200), InputSpec(path="x"))
+    with pytest.raises(ModelError, match=f"model.path {tmp_path}: cannot load the model config"):
+        check_model(ModelSpec(path=str(tmp_path)), GenerationSpec(), InputSpec(path="x"))
