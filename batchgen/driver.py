@@ -102,13 +102,14 @@ def run_job(
         say(f"resuming: {len(done_ids)} of {len(plan.shards)} shards already committed")
 
     # 2. Run the pending shards on Ray.
-    started_ray = _connect(address)
+    started_ray, local = _connect(address)
     try:
+        replicas = _placeable_replicas(spec, say, fixed_size=local)
         progress.start()
         out.write_json("status.json", progress.status())
         if pending:
             with Display(progress, live=live, log=log) as display:
-                _Scheduler(spec, out, progress, display, say).run(pending)
+                _Scheduler(spec, out, progress, display, say).run(pending, replicas)
     except KeyboardInterrupt:
         progress.finish("cancelled", "stopped by the user")
         out.write_json("status.json", progress.status())
@@ -210,17 +211,40 @@ def _manifest(spec: JobSpec, plan: Plan, markers: list[dict[str, Any]]) -> dict[
     }
 
 
-def _connect(address: str | None) -> bool:
-    """Join ``address`` (or RAY_ADDRESS), or start a private local Ray. True if we started it."""
+def _connect(address: str | None) -> tuple[bool, bool]:
+    """Join ``address`` (or RAY_ADDRESS), or start a private local Ray.
+
+    Returns (we started or joined it here, it is a local Ray we started)."""
     if ray.is_initialized():
-        return False
+        return False, False
     target = address or os.environ.get("RAY_ADDRESS")
     if target:
         ray.init(address=target, log_to_driver=True)
-    else:
-        # A fresh local instance pinned to loopback, never some other cluster found on the host.
-        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
-    return True
+        return True, False
+    # A fresh local instance pinned to loopback, never some other cluster found on the host.
+    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
+    return True, True
+
+
+def _placeable_replicas(spec: JobSpec, say: Callable[[str], None], fixed_size: bool) -> int:
+    """Replicas to start. A replica that fits nowhere would wait forever, so that is an error;
+    on a local Ray we started (it cannot grow) the count is capped to what fits."""
+    r = spec.resources
+    total = ray.cluster_resources()
+    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    if r.cpus_per_replica > cpus or r.gpus_per_replica > gpus:
+        raise BatchgenError(
+            f"a replica needs {r.cpus_per_replica} CPU and {r.gpus_per_replica} GPU "
+            f"(resources.cpus_per_replica, resources.gpus_per_replica) but the Ray cluster has "
+            f"{cpus:g} CPU and {gpus:g} GPU in all"
+        )
+    if not fixed_size:
+        return r.replicas  # an autoscaling cluster may still add nodes
+    fits = int(min(cpus / r.cpus_per_replica, gpus / r.gpus_per_replica if r.gpus_per_replica else 1e9))
+    if fits < r.replicas:
+        say(f"the local Ray has room for {fits} of {r.replicas} replicas "
+            f"({cpus:g} CPU, {gpus:g} GPU); running {fits}")
+    return min(r.replicas, fits)
 
 
 class _Scheduler:
@@ -248,9 +272,9 @@ class _Scheduler:
             self.payload
         )
 
-    def run(self, pending: list[Shard]) -> None:
+    def run(self, pending: list[Shard], replicas: int) -> None:
         queue = deque(pending)
-        count = min(self.spec.resources.replicas, len(pending))
+        count = min(replicas, len(pending))
         self.replicas = [self._new_replica() for _ in range(count)]
         self.load = [0] * count
         try:

@@ -81,6 +81,7 @@ def test_local_job_two_replicas(ray_local, tiny_model, prompts_dir, tmp_path):
         run_job(changed, live=False, log=quiet)
 
 
+@pytest.mark.s3
 def test_s3_input_and_output(ray_local, tiny_model, prompts_dir, s3_endpoint, s3_bucket):
     fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
     fs.put(str(prompts_dir) + "/", f"{s3_bucket}/in/", recursive=True)
