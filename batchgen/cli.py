@@ -11,13 +11,16 @@ import sys
 
 import click
 
-from batchgen.errors import BatchgenError
+from batchgen.errors import BatchgenError, Cancelled
 
 
 class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except Cancelled as e:
+            click.secho(f"cancelled: {e}", fg="yellow", err=True)
+            sys.exit(130)
         except BatchgenError as e:
             click.secho(f"error: {e}", fg="red", err=True)
             sys.exit(2)

@@ -15,6 +15,8 @@ delete staging. A result from an attempt the driver gave up on is discarded with
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 import uuid
 from collections import deque
@@ -26,7 +28,7 @@ import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
 from batchgen.engine import check_model
-from batchgen.errors import BatchgenError, JobFailed, StorageError
+from batchgen.errors import BatchgenError, Cancelled, JobFailed, StorageError
 from batchgen.plan import Plan, Shard, make_plan
 from batchgen.progress import Display, JobProgress, now_iso
 from batchgen.spec import JobSpec
@@ -103,6 +105,7 @@ def run_job(
 
     # 2. Run the pending shards on Ray.
     started_ray, local = _connect(address)
+    restore_sigterm = _sigterm_as_interrupt()
     try:
         replicas = _placeable_replicas(spec, say, fixed_size=local)
         progress.start()
@@ -113,11 +116,12 @@ def run_job(
     except KeyboardInterrupt:
         progress.finish("cancelled", "stopped by the user")
         out.write_json("status.json", progress.status())
-        raise BatchgenError(
-            f"cancelled; committed shards are kept. Resume with: batchgen run <job.yaml> "
-            f"(output {spec.output.path})"
+        raise Cancelled(
+            f"cancelled after {progress.done_shards}/{progress.total_shards} shards; they stay "
+            f"committed. Run the same job again to resume (output {spec.output.path})"
         ) from None
     finally:
+        restore_sigterm()
         if started_ray:
             ray.shutdown()
 
@@ -224,6 +228,19 @@ def _connect(address: str | None) -> tuple[bool, bool]:
     # A fresh local instance pinned to loopback, never some other cluster found on the host.
     ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
     return True, True
+
+
+def _sigterm_as_interrupt() -> Callable[[], None]:
+    """SIGTERM (Ray job stop, schedulers, kill) stops the job like Ctrl-C: status `cancelled`,
+    committed shards kept. Returns a function that restores the previous handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 def _placeable_replicas(spec: JobSpec, say: Callable[[str], None], fixed_size: bool) -> int:

@@ -31,3 +31,7 @@ class ShardError(BatchgenError):
 
 class JobFailed(BatchgenError):
     """The job ended with shards that ran out of attempts."""
+
+
+class Cancelled(BatchgenError):
+    """The user stopped the job (Ctrl-C or SIGTERM); committed shards are kept."""

@@ -133,3 +133,11 @@ def spec_dict(input_path: str, output_path: str, model_path: str, **sections) ->
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
     return raw
+
+
+def wait_until(predicate, timeout: float = 60.0, every: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met within {timeout}s")
+        time.sleep(every)

@@ -94,3 +94,42 @@ def test_import_cli_loads_no_heavy_modules():
             "print([m for m in ('torch', 'transformers', 'ray', 'pyarrow') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_sigterm_cancels_cleanly_and_a_rerun_resumes(tmp_path, prompts_dir, tiny_model):
+    import signal
+    import time
+
+    from conftest import wait_until
+
+    out = tmp_path / "out"
+    job = write_job(tmp_path, spec_dict(
+        str(prompts_dir), str(out), tiny_model,
+        generation={"max_new_tokens": 64},
+        resources={"replicas": 1, "shard_rows": 3, "batch_size": 2},
+    ))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = [str(BIN / "batchgen"), "run", job, "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    done = out / "_batchgen" / "done"
+    wait_until(lambda: done.exists() and len(list(done.iterdir())) >= 1, timeout=120)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, output
+    assert time.monotonic() - sent < 10
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "cancelled"
+    committed = len(list(done.iterdir()))
+    assert 1 <= committed < 28 and not (out / "_SUCCESS").exists()
+    assert len(list((out / "data").iterdir())) == committed  # only complete, committed files
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert f"resuming: {committed} of 28 shards already committed" in rerun.stdout
+    import pyarrow.dataset as ds
+
+    ids = ds.dataset(out / "data").to_table(columns=["row_id"]).column("row_id").to_pylist()
+    assert sorted(ids) == [f"r{i:05d}" for i in range(80)]
