@@ -14,6 +14,7 @@ delete staging. A result from an attempt the driver gave up on is discarded with
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -191,8 +192,6 @@ def _job_doc(spec: JobSpec, plan: Plan) -> dict[str, Any]:
 def _read_markers(out: Storage, shard_ids: list[str]) -> list[dict[str, Any]]:
     if not shard_ids:
         return []
-    import json
-
     paths = [out.path(f"_batchgen/done/{sid}.json") for sid in shard_ids]
     blobs = out.fs.cat(paths)  # concurrent on S3: one batch, not one round trip per shard
     return [json.loads(blobs[p]) for p in paths]

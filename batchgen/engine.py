@@ -196,13 +196,6 @@ class Engine:
 
     # -- prompts ---------------------------------------------------------------------------
 
-    def apply_chat(self, messages: list[dict[str, str]]) -> str:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ModelError("input.chat is true but the model has no chat template")
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
-
     def tokenize(self, texts: list[str], *, chat: bool = False) -> list[list[int]]:
         # A chat template already writes the model's special tokens; adding them again doubles BOS.
         return self.tokenizer(list(texts), add_special_tokens=not chat)["input_ids"]
@@ -263,7 +256,7 @@ class Engine:
         input_ids, mask = input_ids.to(dev), mask.to(dev)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
 
-        sampler = _Sampler(self.gen, requests, input_ids, mask, self.model.config, dev)
+        sampler = _Sampler(self.gen, requests, input_ids, mask, dev)
 
         # 2. Prefill.
         out = self.model(
@@ -334,18 +327,15 @@ class Engine:
 class _Sampler:
     """Greedy or seeded sampling over a batch whose rows may be dropped as they finish."""
 
-    def __init__(self, gen: GenerationSpec, requests, input_ids, mask, config, device):
+    def __init__(self, gen: GenerationSpec, requests, input_ids, mask, device):
         self.gen = gen
         self.generators = None
         if not gen.greedy:
             self.generators = [
                 torch.Generator(device=device).manual_seed(r.seed) for r in requests
             ]
-        self.seen = None
-        if gen.repetition_penalty != 1.0:
-            vocab = config.vocab_size
-            self.seen = torch.zeros((len(requests), vocab), dtype=torch.bool, device=device)
-            self.seen.scatter_(1, input_ids, mask.bool())
+        self.seen = None  # (rows, vocab) tokens already seen, built on first use
+        self._prompt = (input_ids, mask) if gen.repetition_penalty != 1.0 else None
 
     def select(self, keep: torch.Tensor, rows: list[int]) -> None:
         if self.generators is not None:
@@ -359,11 +349,15 @@ class _Sampler:
 
     def choose(self, logits: torch.Tensor) -> torch.Tensor:
         g = self.gen
-        if self.seen is not None:
+        if self._prompt is not None:
+            if self.seen is None:  # sized from the logits: some models pad their vocabulary
+                ids, mask = self._prompt
+                self.seen = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+                self.seen.scatter_(1, ids, mask.bool())
             penalized = torch.where(
                 logits > 0, logits / g.repetition_penalty, logits * g.repetition_penalty
             )
-            logits = torch.where(self.seen[:, : logits.shape[-1]], penalized, logits)
+            logits = torch.where(self.seen, penalized, logits)
         if g.greedy:
             return logits.argmax(dim=-1)
         logits = logits / g.temperature

@@ -44,7 +44,7 @@ class Storage:
     """A root URL plus an fsspec filesystem; paths given to methods are relative to the root."""
 
     def __init__(self, url: str, options: dict | None = None):
-        self.url = url.rstrip("/") if url not in ("/",) else url
+        self.url = url.rstrip("/") or "/"
         self.options = dict(options or {})
 
     def __getstate__(self) -> dict:

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from batchgen import prompts
 from batchgen.engine import Engine, PromptTooLong, Request
 from batchgen.errors import ShardError
-from batchgen.plan import Shard, input_options
+from batchgen.plan import Plan, Shard, input_options
 from batchgen.spec import JobSpec
 from batchgen.storage import Storage, read_rows, storage_options
 
@@ -97,17 +97,7 @@ class ShardWorker:
         row_ids = self._row_ids(shard, rows)
 
         # 2. Prompts, per row; a row that fails keeps its error and the shard goes on.
-        errors: list[str | None] = [bad.get(i) for i in range(len(rows))]
-        texts: list[str | None] = [None] * len(rows)
-        for i, row in enumerate(rows):
-            if errors[i] is None:
-                try:
-                    text = prompts.render(spec.input, row)
-                    if spec.input.chat:
-                        text = self.engine.apply_chat(prompts.chat_messages(spec.input, text))
-                    texts[i] = text
-                except prompts.RowError as e:
-                    errors[i] = str(e)
+        texts, errors = render_prompts(spec, rows, bad, self.engine.tokenizer)
 
         # 3. Tokenize once per row, fit to the context; samples share the tokens.
         valid = [i for i in range(len(rows)) if errors[i] is None]
@@ -235,7 +225,29 @@ def _verify_one_to_one(shard: Shard, row_ids: list[str], n: int, table: pa.Table
         )
 
 
-def estimate_prompt_tokens(spec: JobSpec, plan, sample: int = 256) -> float:
+def render_prompts(
+    spec: JobSpec, rows: list[dict[str, Any]], bad: dict[int, str], tokenizer: Any
+) -> tuple[list[str | None], list[str | None]]:
+    """(prompt text or None, error or None) per row, after the chat template if asked for."""
+    texts: list[str | None] = [None] * len(rows)
+    errors: list[str | None] = [bad.get(i) for i in range(len(rows))]
+    for i, row in enumerate(rows):
+        if errors[i] is not None:
+            continue
+        try:
+            text = prompts.render(spec.input, row)
+        except prompts.RowError as e:
+            errors[i] = str(e)
+            continue
+        if spec.input.chat:
+            text = tokenizer.apply_chat_template(
+                prompts.chat_messages(spec.input, text), tokenize=False, add_generation_prompt=True
+            )
+        texts[i] = text
+    return texts, errors
+
+
+def estimate_prompt_tokens(spec: JobSpec, plan: Plan, sample: int = 256) -> float:
     """Mean prompt tokens per row over the first rows of the input; loads only the tokenizer."""
     from batchgen.engine import load_tokenizer
 
@@ -245,20 +257,7 @@ def estimate_prompt_tokens(spec: JobSpec, plan, sample: int = 256) -> float:
     first = plan.shards[0]
     table = read_rows(first.file, first.row_start, min(sample, first.row_count),
                       prompts.needed_columns(spec.input), input_options(spec))
-    rows, bad = _rows(table)
-    texts = []
-    for i, row in enumerate(rows):
-        if i in bad:
-            continue
-        try:
-            text = prompts.render(spec.input, row)
-        except prompts.RowError:
-            continue
-        if spec.input.chat:
-            text = tokenizer.apply_chat_template(
-                prompts.chat_messages(spec.input, text), tokenize=False, add_generation_prompt=True
-            )
-        texts.append(text)
+    texts = [t for t in render_prompts(spec, *_rows(table), tokenizer)[0] if t is not None]
     if not texts:
         return 0.0
     ids = tokenizer(texts, add_special_tokens=not spec.input.chat)["input_ids"]

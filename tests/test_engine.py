@@ -134,3 +134,18 @@ def test_check_model_catches_bad_specs_before_loading_weights(tiny_model, tmp_pa
                     GenerationSpec(max_new_tokens=200), InputSpec(path="x"))
     with pytest.raises(ModelError, match=f"model.path {tmp_path}: cannot load the model config"):
         check_model(ModelSpec(path=str(tmp_path)), GenerationSpec(), InputSpec(path="x"))
+
+
+def test_chat_without_a_chat_template_is_refused(tiny_model, tmp_path):
+    import json
+    import shutil
+
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_model, plain)
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    cfg = json.loads((plain / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelError, match="input.chat is true but .* has no chat template"):
+        check_model(ModelSpec(path=str(plain)), GenerationSpec(), InputSpec(path="x", chat=True))
+    check_model(ModelSpec(path=str(plain)), GenerationSpec(), InputSpec(path="x"))
