@@ -222,11 +222,27 @@ def _connect(address: str | None) -> tuple[bool, bool]:
         return False, False
     target = address or os.environ.get("RAY_ADDRESS")
     if target:
-        ray.init(address=target, log_to_driver=True)
+        extra = {}
+        if _is_loopback(target):
+            # Ray otherwise swaps loopback for the host's detected address and cannot connect.
+            extra["_node_ip_address"] = "127.0.0.1"
+        try:
+            ray.init(address=target, log_to_driver=True, **extra)
+        except (ConnectionError, RuntimeError) as e:
+            hint = ""
+            if "auth" in f"{e} {e.__cause__}".lower():
+                hint = (" (the cluster uses token authentication: set RAY_AUTH_MODE=token to use "
+                        "~/.ray/auth_token, or RAY_AUTH_TOKEN)")
+            raise BatchgenError(f"cannot join the Ray cluster at {target}{hint}: {_short(e)}") from None
         return True, False
     # A fresh local instance pinned to loopback, never some other cluster found on the host.
     ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
     return True, True
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0]
+    return host == "localhost" or host.startswith("127.")
 
 
 def _sigterm_as_interrupt() -> Callable[[], None]:
