@@ -99,7 +99,8 @@ def run_job(
         total_rows=plan.total_rows,
         n=spec.generation.n,
     )
-    progress.resume_from(_read_markers(out, sorted(done_ids)))
+    markers = {m["shard_id"]: m for m in _read_markers(out, sorted(done_ids))}
+    progress.resume_from(list(markers.values()))
     out.write_json("status.json", progress.status())
     if done_ids:
         say(f"resuming: {len(done_ids)} of {len(plan.shards)} shards already committed")
@@ -113,7 +114,7 @@ def run_job(
         out.write_json("status.json", progress.status())
         if pending:
             with Display(progress, live=live, log=log) as display:
-                _Scheduler(spec, out, progress, display, say).run(pending, replicas)
+                _Scheduler(spec, out, progress, display, say, markers).run(pending, replicas)
     except KeyboardInterrupt:
         progress.finish("cancelled", "stopped by the user")
         out.write_json("status.json", progress.status())
@@ -139,8 +140,8 @@ def run_job(
         raise JobFailed(msg)
     progress.state = "finalizing"
     out.write_json("status.json", progress.status())
-    markers = _read_markers(out, [s.shard_id for s in plan.shards])
-    out.write_json("manifest.json", _manifest(spec, plan, markers))
+    # Every marker is in hand: read at the start or written by this run; no second read.
+    out.write_json("manifest.json", _manifest(spec, plan, [markers[s.shard_id] for s in plan.shards]))
     out.write_bytes("_SUCCESS", b"")
     progress.finish("completed")
     out.write_json("status.json", progress.status())
@@ -283,15 +284,15 @@ class _Scheduler:
     """An own ray.wait loop over {ref: (shard, attempt, replica)}: dead replicas are replaced and
     their shards requeued, which ray.util.ActorPool does not do."""
 
-    def __init__(self, spec, out, progress, display, say):
+    def __init__(self, spec, out, progress, display, say, markers):
         self.spec: JobSpec = spec
         self.out: Storage = out
         self.progress: JobProgress = progress
         self.display: Display = display
         self.say = say
+        self.markers: dict[str, dict[str, Any]] = markers  # shard id -> done marker, filled on commit
         self.payload = spec.model_dump(mode="json")
         self.replicas: list[Any] = []
-        self.load: list[int] = []
         self.inflight: dict[Any, tuple[Shard, str, int, Any]] = {}
         self.current: dict[str, str] = {}
         self.attempts: dict[str, int] = {}
@@ -308,7 +309,6 @@ class _Scheduler:
         queue = deque(pending)
         count = min(replicas, len(pending))
         self.replicas = [self._new_replica() for _ in range(count)]
-        self.load = [0] * count
         try:
             while queue or self.inflight:
                 self._feed(queue)
@@ -323,21 +323,23 @@ class _Scheduler:
         self.display.update(force=True)
 
     def _feed(self, queue: deque) -> None:
-        for idx in sorted(range(len(self.replicas)), key=lambda i: self.load[i]):
-            while queue and self.load[idx] < IN_FLIGHT_PER_REPLICA:
+        load = [0] * len(self.replicas)  # shards queued on each current replica
+        for _, _, idx, actor in self.inflight.values():
+            if self.replicas[idx] is actor:
+                load[idx] += 1
+        for idx in sorted(range(len(self.replicas)), key=lambda i: load[i]):
+            while queue and load[idx] < IN_FLIGHT_PER_REPLICA:
                 shard = queue.popleft()
                 attempt = uuid.uuid4().hex[:12]
                 self.current[shard.shard_id] = attempt
                 self.attempts[shard.shard_id] = self.attempts.get(shard.shard_id, 0) + 1
                 ref = self.replicas[idx].run.remote(asdict(shard), attempt)
                 self.inflight[ref] = (shard, attempt, idx, self.replicas[idx])
-                self.load[idx] += 1
+                load[idx] += 1
         self.progress.running = len(self.inflight)
 
     def _collect(self, ref, queue: deque) -> None:
         shard, attempt, idx, actor = self.inflight.pop(ref)
-        if self.replicas[idx] is actor:
-            self.load[idx] -= 1
         try:
             result = ray.get(ref)
         except (ActorUnavailableError, GetTimeoutError) as e:
@@ -368,6 +370,7 @@ class _Scheduler:
         self.out.write_json(f"_batchgen/done/{shard.shard_id}.json", marker)
         self.out.remove(f"_batchgen/staging/{shard.shard_id}", recursive=True)
         self.current.pop(shard.shard_id, None)
+        self.markers[shard.shard_id] = marker
         self.progress.committed(marker)
 
     def _retry(self, shard: Shard, queue: deque, reason: str) -> None:
@@ -390,10 +393,9 @@ class _Scheduler:
             raise BatchgenError(f"model replicas cannot start: {_short(error)}") from None
         ray.kill(self.replicas[idx], no_restart=True)
         self.replicas[idx] = self._new_replica()
-        self.load[idx] = 0
 
-    def _write_status(self, force: bool = False) -> None:
-        if force or time.monotonic() - self.last_status >= STATUS_EVERY_S:
+    def _write_status(self) -> None:
+        if time.monotonic() - self.last_status >= STATUS_EVERY_S:
             self.last_status = time.monotonic()
             self.out.write_json("status.json", self.progress.status())
 

@@ -47,13 +47,6 @@ class Storage:
         self.url = url.rstrip("/") or "/"
         self.options = dict(options or {})
 
-    def __getstate__(self) -> dict:
-        # fsspec filesystems hold event loops and sockets; ship only what rebuilds them.
-        return {"url": self.url, "options": self.options}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(state["url"], state["options"])
-
     @cached_property
     def _fs_root(self) -> tuple[fsspec.AbstractFileSystem, str]:
         fs, root = url_to_fs(self.url, **self.options)

@@ -13,6 +13,7 @@ import socket
 import tempfile
 import time
 import uuid
+from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -164,7 +165,7 @@ class ShardWorker:
                 )
             ids.append(str(value))
         if len(set(ids)) != len(ids):
-            dupes = sorted({x for x in ids if ids.count(x) > 1})[:5]
+            dupes = sorted(x for x, k in Counter(ids).items() if k > 1)[:5]
             raise ShardError(
                 f"{shard.file}: input.id_column {id_col!r} has duplicate values "
                 f"({', '.join(dupes)}); ids must be unique"
