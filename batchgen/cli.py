@@ -46,6 +46,22 @@ def _spec_options(f):
     return f
 
 
+def _resume_options(f):
+    f = click.option(
+        "--retry-failed",
+        is_flag=True,
+        help="Also run again the rows whose finish_reason is 'error' in committed shards; "
+        "every other row stays as it is.",
+    )(f)
+    f = click.option(
+        "--force",
+        is_flag=True,
+        help="Resume even if the job changed (input files, model, prompt or generation "
+        "settings); committed shards keep their outputs.",
+    )(f)
+    return f
+
+
 def _load(job: str, overrides: tuple[str, ...], output: str | None, replicas: int | None):
     from batchgen.spec import load_spec
 
@@ -77,12 +93,41 @@ def main() -> None:
     default=None,
     help="Live progress bar (default: on a terminal); otherwise a log line every 10 s.",
 )
-def run(job, overrides, output, replicas, address, progress):
+@_resume_options
+def run(job, overrides, output, replicas, address, progress, force, retry_failed):
     """Run JOB (a YAML spec) to completion. Re-running a job on its output resumes it."""
     spec = _load(job, overrides, output, replicas)
+    _run(spec, address, progress, force, retry_failed)
+
+
+@main.command()
+@click.argument("output")
+@click.option("--endpoint-url", default=None, help="S3 endpoint of OUTPUT, as storage.endpoint_url.")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="SECTION.KEY=VALUE",
+    help="Overrides a key of the stored spec (a change to outputs needs --force).",
+)
+@click.option("--replicas", type=int, default=None, help="Overrides resources.replicas.")
+@click.option("--address", default=None, help="Ray cluster to join; as for run.")
+@click.option("--progress/--no-progress", default=None, help="As for run.")
+@_resume_options
+def resume(output, endpoint_url, overrides, replicas, address, progress, force, retry_failed):
+    """Resume the job whose output is OUTPUT, with the spec stored there (job.json).
+
+    Committed shards are skipped; the rest, including shards that failed, run again."""
+    from batchgen.status import stored_spec
+
+    extra = list(overrides) + ([f"resources.replicas={replicas}"] if replicas is not None else [])
+    _run(stored_spec(output, endpoint_url, extra), address, progress, force, retry_failed)
+
+
+def _run(spec, address, progress, force, retry_failed) -> None:
     from batchgen.driver import run_job
 
-    s = run_job(spec, address=address, live=progress)
+    s = run_job(spec, address=address, live=progress, force=force, retry_failed=retry_failed)
     click.echo(
         f"completed: {s.rows} rows, {s.outputs} outputs ({s.errors} errors), "
         f"{s.generated_tokens} tokens in {s.seconds:.1f}s "

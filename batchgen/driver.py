@@ -10,6 +10,8 @@ commits. Results travel back as small dicts; rows never pass through the driver.
 Commit, for a result whose attempt is still current: publish the staged file at
 ``data/part-<shard>.parquet`` (rename locally, server-side copy on S3), write the done marker, then
 delete staging. A result from an attempt the driver gave up on is discarded with its staging.
+
+One driver per output: ``lock.JobLock`` is held from before the plan is read until the end.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
 from batchgen.engine import check_model
 from batchgen.errors import BatchgenError, Cancelled, JobFailed, StorageError
-from batchgen.plan import Plan, Shard, make_plan
+from batchgen.lock import JobLock
+from batchgen.plan import Plan, Shard, check_unique_ids, make_plan
 from batchgen.progress import Display, JobProgress, now_iso
 from batchgen.spec import JobSpec
 from batchgen.storage import Storage
@@ -48,8 +51,8 @@ class ReplicaActor:
         self.worker = ShardWorker(JobSpec.model_validate(spec))
         self.node = ray.get_runtime_context().get_node_id()
 
-    def run(self, shard: dict[str, Any], attempt: str) -> dict[str, Any]:
-        result = self.worker.run(Shard(**shard), attempt).to_dict()
+    def run(self, shard: dict[str, Any], attempt: str, redo_errors: str | None = None) -> dict[str, Any]:
+        result = self.worker.run(Shard(**shard), attempt, redo_errors).to_dict()
         result["node_id"] = self.node
         return result
 
@@ -77,20 +80,44 @@ def run_job(
     address: str | None = None,
     live: bool | None = None,
     log: Callable[[str], None] | None = None,
+    force: bool = False,
+    retry_failed: bool = False,
 ) -> JobSummary:
-    started = time.monotonic()
+    """Run ``spec`` to completion, or resume it if its output already holds its plan.
+
+    ``force`` resumes even though the job's fingerprint changed; ``retry_failed`` also re-runs
+    the ``finish_reason: error`` rows of committed shards."""
     out = output_storage(spec)
+    out.ensure_writable()
+    lock = JobLock(out)
+    lock.acquire()  # before the plan is read: everything below is one driver's
+    try:
+        return _run_locked(spec, out, lock, address=address, live=live, log=log, force=force,
+                           retry_failed=retry_failed)
+    finally:
+        lock.release()
+
+
+def _run_locked(spec, out, lock, *, address, live, log, force, retry_failed) -> JobSummary:
+    started = time.monotonic()
     say = log or (lambda s: print(s, flush=True))
 
     # 1. Validate everything cheap before any replica starts.
-    out.ensure_writable()
-    plan, is_new = _plan_or_resume(spec, out)
+    plan, is_new = _plan_or_resume(spec, out, force, say)
     check_model(spec.model, spec.generation, spec.input)
     if is_new:  # written before any generation, and only once everything checked out
+        check_unique_ids(spec, plan)
         out.write_json("job.json", _job_doc(spec, plan))
         out.write_json("plan.json", plan.to_json())
+    # Staging left by a dead driver's attempts is garbage now: only we commit, and we hold the lock.
+    out.remove("_batchgen/staging", recursive=True)
     done_ids = {name.removesuffix(".json") for name in out.list_names("_batchgen/done")}
-    pending = [s for s in plan.shards if s.shard_id not in done_ids]
+    failed_ids = {name.removesuffix(".json") for name in out.list_names("_batchgen/failed")}
+    markers = {m["shard_id"]: m for m in _read_markers(out, sorted(done_ids))}
+    tasks = [_Task(s) for s in plan.shards if s.shard_id not in done_ids]
+    if retry_failed:
+        tasks += [_Task(s, redo_errors=markers[s.shard_id]["file"]) for s in plan.shards
+                  if s.shard_id in markers and markers[s.shard_id]["errors"] > 0]
 
     progress = JobProgress(
         name=spec.name,
@@ -99,11 +126,13 @@ def run_job(
         total_rows=plan.total_rows,
         n=spec.generation.n,
     )
-    markers = {m["shard_id"]: m for m in _read_markers(out, sorted(done_ids))}
     progress.resume_from(list(markers.values()))
     out.write_json("status.json", progress.status())
     if done_ids:
         say(f"resuming: {len(done_ids)} of {len(plan.shards)} shards already committed")
+    if retry_failed:
+        redo = sum(1 for t in tasks if t.redo_errors)
+        say(f"retrying the error rows of {redo} committed shard(s)")
 
     # 2. Run the pending shards on Ray.
     started_ray, local = _connect(address)
@@ -112,15 +141,16 @@ def run_job(
         replicas = _placeable_replicas(spec, say, fixed_size=local)
         progress.start()
         out.write_json("status.json", progress.status())
-        if pending:
+        if tasks:
             with Display(progress, live=live, log=log) as display:
-                _Scheduler(spec, out, progress, display, say, markers).run(pending, replicas)
+                scheduler = _Scheduler(spec, out, progress, display, say, markers, failed_ids, lock)
+                scheduler.run(tasks, replicas)
     except KeyboardInterrupt:
         progress.finish("cancelled", "stopped by the user")
         out.write_json("status.json", progress.status())
         raise Cancelled(
             f"cancelled after {progress.done_shards}/{progress.total_shards} shards; they stay "
-            f"committed. Run the same job again to resume (output {spec.output.path})"
+            f"committed. Resume with: {resume_command(spec)}"
         ) from None
     finally:
         restore_sigterm()
@@ -131,9 +161,10 @@ def run_job(
     if progress.failed_shards:
         msg = (
             f"{len(progress.failed_shards)} shard(s) failed after "
-            f"{spec.resources.max_attempts} attempts: {', '.join(progress.failed_shards[:10])}; "
-            f"see {out.url_of('_batchgen/failed')}/. The other shards are committed; run the "
-            "same job again to retry only the failed ones."
+            f"{spec.resources.max_attempts} attempts: {', '.join(progress.failed_shards[:10])}"
+            f"{' ...' if len(progress.failed_shards) > 10 else ''}; reasons in "
+            f"{out.url_of('_batchgen/failed')}/. The other shards are committed. Once the cause is "
+            f"fixed, run only the failed ones with: {resume_command(spec)}"
         )
         progress.finish("failed", msg)
         out.write_json("status.json", progress.status())
@@ -158,20 +189,41 @@ def run_job(
     )
 
 
-def _plan_or_resume(spec: JobSpec, out: Storage) -> tuple[Plan, bool]:
-    """The stored plan if this output already holds this job, else a new one (not yet written)."""
+def resume_command(spec: JobSpec) -> str:
+    endpoint = f" --endpoint-url {spec.storage.endpoint_url}" if spec.storage.endpoint_url else ""
+    return f"batchgen resume {spec.output.path}{endpoint}"
+
+
+@dataclass(frozen=True)
+class _Task:
+    shard: Shard
+    redo_errors: str | None = None  # committed file whose error rows are generated again
+
+
+def _plan_or_resume(spec: JobSpec, out: Storage, force: bool, say) -> tuple[Plan, bool]:
+    """The stored plan if this output already holds this job, else a new one (not yet written).
+
+    A stored plan is never re-cut: shard ids and row ranges stay as they were."""
     fresh = make_plan(spec)
     stored = out.read_json_or_none("plan.json")
     if stored is None:
         return fresh, True
     old = Plan.from_json(stored)
-    if old.fingerprint != fresh.fingerprint:
-        changed = [k for k, v in fresh.fingerprint_parts.items() if old.fingerprint_parts.get(k) != v]
+    if old.fingerprint == fresh.fingerprint:
+        return old, False
+    changed = [k for k, v in fresh.fingerprint_parts.items() if old.fingerprint_parts.get(k) != v]
+    if not force:
         raise StorageError(
             f"output.path {spec.output.path} holds a different job (changed: "
-            f"{', '.join(changed)}); use a new output.path, or remove the old output"
+            f"{', '.join(changed)}); use a new output.path, remove the old output, or resume "
+            "anyway with --force (committed shards keep their outputs)"
         )
-    return old, False
+    say(f"--force: resuming although {', '.join(changed)} changed; committed shards keep their "
+        "outputs, the rest run with the new settings")
+    forced = Plan(fresh.fingerprint, fresh.fingerprint_parts, old.files, old.shards)
+    out.write_json("job.json", {**_job_doc(spec, forced), "forced_from": old.fingerprint})
+    out.write_json("plan.json", forced.to_json())
+    return forced, False
 
 
 def _job_doc(spec: JobSpec, plan: Plan) -> dict[str, Any]:
@@ -181,13 +233,28 @@ def _job_doc(spec: JobSpec, plan: Plan) -> dict[str, Any]:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             versions[pkg] = None
+    doc = spec.model_dump(mode="json")
+    doc["storage"]["options"] = redact(doc["storage"]["options"])
     return {
-        "spec": spec.model_dump(mode="json"),
+        "spec": doc,
         "fingerprint": plan.fingerprint,
         "fingerprint_parts": plan.fingerprint_parts,
         "versions": versions,
         "created_at": now_iso(),
     }
+
+
+_SECRET_WORDS = ("key", "secret", "token", "password", "credential", "session")
+
+
+def redact(options: Any) -> Any:
+    """Storage options with anything that looks like a credential replaced."""
+    if isinstance(options, dict):
+        return {k: "<redacted>" if any(w in k.lower() for w in _SECRET_WORDS) and
+                not isinstance(v, (dict, list)) else redact(v) for k, v in options.items()}
+    if isinstance(options, list):
+        return [redact(v) for v in options]
+    return options
 
 
 def _read_markers(out: Storage, shard_ids: list[str]) -> list[dict[str, Any]]:
@@ -281,36 +348,46 @@ def _placeable_replicas(spec: JobSpec, say: Callable[[str], None], fixed_size: b
 
 
 class _Scheduler:
-    """An own ray.wait loop over {ref: (shard, attempt, replica)}: dead replicas are replaced and
+    """An own ray.wait loop over {ref: (task, attempt, replica)}: dead replicas are replaced and
     their shards requeued, which ray.util.ActorPool does not do."""
 
-    def __init__(self, spec, out, progress, display, say, markers):
+    def __init__(self, spec, out, progress, display, say, markers, failed_ids, lock):
         self.spec: JobSpec = spec
         self.out: Storage = out
         self.progress: JobProgress = progress
         self.display: Display = display
         self.say = say
         self.markers: dict[str, dict[str, Any]] = markers  # shard id -> done marker, filled on commit
+        self.failed_ids: set[str] = failed_ids  # shards with a failed/ record from an earlier run
+        self.lock: JobLock = lock
         self.payload = spec.model_dump(mode="json")
         self.replicas: list[Any] = []
-        self.inflight: dict[Any, tuple[Shard, str, int, Any]] = {}
+        self.inflight: dict[Any, tuple[_Task, str, int, Any]] = {}
         self.current: dict[str, str] = {}
         self.attempts: dict[str, int] = {}
         self.replacements = 0
         self.last_status = 0.0
+        # Named, so an operator (or a test) can find them: ray list actors / ray.get_actor.
+        self.tag = f"batchgen-{uuid.uuid4().hex[:8]}"
+        self.generation = 0
 
     def _new_replica(self):
         r = self.spec.resources
-        return ReplicaActor.options(num_cpus=r.cpus_per_replica, num_gpus=r.gpus_per_replica).remote(
-            self.payload
-        )
+        self.generation += 1
+        return ReplicaActor.options(
+            name=f"{self.tag}-replica-{self.generation}",
+            num_cpus=r.cpus_per_replica,
+            num_gpus=r.gpus_per_replica,
+        ).remote(self.payload)
 
-    def run(self, pending: list[Shard], replicas: int) -> None:
-        queue = deque(pending)
-        count = min(replicas, len(pending))
+    def run(self, tasks: list[_Task], replicas: int) -> None:
+        queue = deque(tasks)
+        count = min(replicas, len(tasks))
         self.replicas = [self._new_replica() for _ in range(count)]
         try:
             while queue or self.inflight:
+                if self.lock.lost:
+                    raise BatchgenError(f"stopping: {self.lock.lost}")
                 self._feed(queue)
                 ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=1.0)
                 for ref in ready:
@@ -318,6 +395,8 @@ class _Scheduler:
                 self.display.update()
                 self._write_status()
         finally:
+            # In-flight attempts are abandoned: their staging is never committed, and the next
+            # run clears it. Killing (not draining) keeps a stop within Ray's SIGKILL grace.
             for actor in self.replicas:
                 ray.kill(actor, no_restart=True)
         self.display.update(force=True)
@@ -329,35 +408,38 @@ class _Scheduler:
                 load[idx] += 1
         for idx in sorted(range(len(self.replicas)), key=lambda i: load[i]):
             while queue and load[idx] < IN_FLIGHT_PER_REPLICA:
-                shard = queue.popleft()
+                task = queue.popleft()
+                sid = task.shard.shard_id
                 attempt = uuid.uuid4().hex[:12]
-                self.current[shard.shard_id] = attempt
-                self.attempts[shard.shard_id] = self.attempts.get(shard.shard_id, 0) + 1
-                ref = self.replicas[idx].run.remote(asdict(shard), attempt)
-                self.inflight[ref] = (shard, attempt, idx, self.replicas[idx])
+                self.current[sid] = attempt
+                self.attempts[sid] = self.attempts.get(sid, 0) + 1
+                ref = self.replicas[idx].run.remote(asdict(task.shard), attempt, task.redo_errors)
+                self.inflight[ref] = (task, attempt, idx, self.replicas[idx])
                 load[idx] += 1
         self.progress.running = len(self.inflight)
 
     def _collect(self, ref, queue: deque) -> None:
-        shard, attempt, idx, actor = self.inflight.pop(ref)
+        task, attempt, idx, actor = self.inflight.pop(ref)
         try:
             result = ray.get(ref)
         except (ActorUnavailableError, GetTimeoutError) as e:
             time.sleep(1.0)  # restarting or its node is unreachable: give it a moment
-            self._retry(shard, queue, f"replica unavailable: {_short(e)}")
+            self._retry(task, queue, f"replica unavailable: {_short(e)}")
         except RayActorError as e:
             if self.replicas[idx] is actor:  # its other queued shard fails the same way
                 self._replace(idx, e)
-            self._retry(shard, queue, f"replica died: {_short(e)}")
+            self._retry(task, queue, f"replica died: {_short(e)}")
         except RayTaskError as e:
-            self._retry(shard, queue, _short(e.cause if e.cause is not None else e))
+            self._retry(task, queue, _short(e.cause if e.cause is not None else e))
         else:
-            if self.current.get(shard.shard_id) != result["attempt"]:
-                self.out.remove(result["staged"])  # a zombie attempt: never reaches data/
-            else:
-                self._commit(shard, result)
+            self.commit(task, result)
 
-    def _commit(self, shard: Shard, result: dict[str, Any]) -> None:
+    def commit(self, task: _Task, result: dict[str, Any]) -> bool:
+        """Commit ``result`` if its attempt is the shard's current one; False for a zombie."""
+        shard = task.shard
+        if self.current.get(shard.shard_id) != result["attempt"]:
+            self.out.remove(result["staged"])  # an attempt we gave up on: never reaches data/
+            return False
         final = data_path(shard.shard_id)
         self.out.publish(result["staged"], final)
         marker = {
@@ -367,23 +449,31 @@ class _Scheduler:
             "committed_at": now_iso(),
         }
         marker.pop("staged")
+        if task.redo_errors:
+            marker["errors_before_retry"] = self.markers[shard.shard_id]["errors"]
         self.out.write_json(f"_batchgen/done/{shard.shard_id}.json", marker)
         self.out.remove(f"_batchgen/staging/{shard.shard_id}", recursive=True)
+        if shard.shard_id in self.failed_ids:  # an earlier run gave up on it; it is done now
+            self.out.remove(f"_batchgen/failed/{shard.shard_id}.json")
+            self.failed_ids.discard(shard.shard_id)
         self.current.pop(shard.shard_id, None)
+        self.progress.committed(marker, replaces=self.markers.get(shard.shard_id) if task.redo_errors else None)
         self.markers[shard.shard_id] = marker
-        self.progress.committed(marker)
+        return True
 
-    def _retry(self, shard: Shard, queue: deque, reason: str) -> None:
-        self.current.pop(shard.shard_id, None)
-        if self.attempts[shard.shard_id] < self.spec.resources.max_attempts:
-            self.say(f"shard {shard.shard_id}: attempt {self.attempts[shard.shard_id]} failed ({reason}); retrying")
-            queue.append(shard)
+    def _retry(self, task: _Task, queue: deque, reason: str) -> None:
+        sid = task.shard.shard_id
+        self.current.pop(sid, None)
+        if self.attempts[sid] < self.spec.resources.max_attempts:
+            self.say(f"shard {sid}: attempt {self.attempts[sid]} failed ({reason}); retrying")
+            queue.append(task)
             return
-        self.say(f"shard {shard.shard_id}: failed after {self.attempts[shard.shard_id]} attempts: {reason}")
-        self.progress.failed_shards.append(shard.shard_id)
+        self.say(f"shard {sid}: failed after {self.attempts[sid]} attempts: {reason}")
+        self.progress.failed_shards.append(sid)
         self.out.write_json(
-            f"_batchgen/failed/{shard.shard_id}.json",
-            {**asdict(shard), "attempts": self.attempts[shard.shard_id], "error": reason, "failed_at": now_iso()},
+            f"_batchgen/failed/{sid}.json",
+            {**asdict(task.shard), "attempts": self.attempts[sid], "error": reason,
+             "retrying_errors_of": task.redo_errors, "failed_at": now_iso()},
         )
 
     def _replace(self, idx: int, error: Exception) -> None:

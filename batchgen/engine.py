@@ -9,11 +9,17 @@ temperature / top-k / top-p warpers (Gumbel-max: ``argmax(log p - log E)``, ``E 
 Batches are cut from requests sorted by prompt length, under both a row limit and a token budget
 (rows x (longest prompt + max_new_tokens)), so padding stays small and long prompts get small
 batches. Rows that finish are dropped from the batch and its KV cache as they go.
+
+Back-off: a batch that runs out of memory, or whose logits turn NaN/+inf (fp16 overflow), is
+split in halves and each half retried; a single request that still fails is retried once with the
+weights in float32 (non-finite logits only), else returned as an error completion. Per-request
+seeds make the split invisible in the outputs.
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,10 +39,11 @@ class Request:
 
 @dataclass
 class Completion:
-    text: str
-    finish_reason: str  # "stop" | "length"
+    text: str | None
+    finish_reason: str  # "stop" | "length" | "error"
     generated_tokens: int
     token_ids: list[int] = field(default_factory=list, repr=False)
+    error: str | None = None
 
 
 @dataclass
@@ -46,6 +53,27 @@ class EngineStats:
     padded_prompt_positions: int = 0
     generated_tokens: int = 0
     seconds: float = 0.0
+    splits: int = 0  # batches split in halves after running out of memory or going non-finite
+    float32_retries: int = 0
+
+
+class NonFiniteLogits(RuntimeError):
+    """NaN or +inf in the logits: the model overflowed in its dtype."""
+
+
+def _is_oom(e: BaseException) -> bool:
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _free_memory() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 class PromptTooLong(ValueError):
@@ -235,9 +263,48 @@ class Engine:
     def generate(self, requests: list[Request]) -> list[Completion]:
         results: list[Completion | None] = [None] * len(requests)
         for batch in self.plan_batches([len(r.prompt_ids) for r in requests]):
-            for i, completion in zip(batch, self._generate_batch([requests[i] for i in batch])):
+            for i, completion in zip(batch, self._generate_or_split([requests[i] for i in batch])):
                 results[i] = completion
         return results  # type: ignore[return-value]
+
+    def _generate_or_split(self, requests: list[Request]) -> list[Completion]:
+        try:
+            return self._generate_batch(requests)
+        except NonFiniteLogits as e:
+            problem, non_finite = str(e), True
+        except (RuntimeError, MemoryError) as e:
+            if not (isinstance(e, MemoryError) or _is_oom(e)):
+                raise
+            problem, non_finite = f"out of memory: {str(e).splitlines()[0][:200]}", False
+        _free_memory()
+        if len(requests) > 1:
+            self.stats.splits += 1
+            half = len(requests) // 2
+            return self._generate_or_split(requests[:half]) + self._generate_or_split(requests[half:])
+        if non_finite and self.model.dtype != torch.float32:
+            self.stats.float32_retries += 1
+            try:
+                with self._in_float32():
+                    return self._generate_batch(requests)
+            except NonFiniteLogits as e:
+                problem = f"{e} (also in float32)"
+            except (RuntimeError, MemoryError) as e:
+                if not (isinstance(e, MemoryError) or _is_oom(e)):
+                    raise
+                problem = f"{problem}; the float32 retry ran out of memory"
+            _free_memory()
+        return [Completion(None, "error", 0, [], error=f"generation failed alone: {problem}")]
+
+    @contextmanager
+    def _in_float32(self):
+        """Weights upcast to float32 for the block, then restored (fp16/bf16 -> fp32 -> back is
+        exact)."""
+        dtype = self.model.dtype
+        self.model.float()
+        try:
+            yield
+        finally:
+            self.model.to(dtype)
 
     @torch.inference_mode()
     def _generate_batch(self, requests: list[Request]) -> list[Completion]:
@@ -263,7 +330,7 @@ class Engine:
             input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True
         )
         cache = out.past_key_values
-        logits = out.logits[:, -1, :].float()
+        logits = _last_logits(out)
         next_pos = positions[:, -1:] + 1
 
         # 3. Decode until every row has stopped; finished rows leave the batch.
@@ -296,7 +363,7 @@ class Engine:
                 past_key_values=cache,
                 use_cache=True,
             )
-            logits = out.logits[:, -1, :].float()
+            logits = _last_logits(out)
             next_pos = next_pos + 1
             sampler.observe(step_tokens[:, 0])
 
@@ -375,6 +442,13 @@ class _Sampler:
         for row, gen in enumerate(self.generators):
             noise[row].exponential_(generator=gen)
         return (logp - noise.log()).argmax(dim=-1)
+
+
+def _last_logits(out: Any) -> torch.Tensor:
+    logits = out.logits[:, -1, :].float()
+    if torch.isnan(logits).any() or torch.isposinf(logits).any():
+        raise NonFiniteLogits("the model produced NaN/inf logits")
+    return logits
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:

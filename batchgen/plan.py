@@ -185,3 +185,45 @@ def _footer_rows(url: str, options: dict, needed: list[str]) -> int:
             f"{', '.join(sorted(names))}"
         )
     return rows
+
+
+def check_unique_ids(spec: JobSpec, plan: Plan) -> None:
+    """With ``input.id_column``, every id must be non-null and unique across the whole input,
+    or output rows could not be keyed by (row_id, sample_index). Reads only that column, once,
+    when a job is first planned."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    column = spec.input.id_column
+    if column is None:
+        return
+    options = input_options(spec)
+
+    def ids(f: InputFile):
+        with open_input(f.url, options) as fh:
+            values = pq.ParquetFile(fh).read(columns=[column], use_threads=False).column(column)
+        return f.url, values.cast(pa.string())
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        per_file = list(pool.map(ids, plan.files))
+    for url, values in per_file:
+        nulls = values.null_count
+        if nulls:
+            first = pc.index(pc.is_null(values), True).as_py()
+            raise InputError(
+                f"{url}: input.id_column {column!r} is null in {nulls} row(s), the first at row "
+                f"{first}; every row needs an id"
+            )
+    if not per_file:
+        return
+    everything = pa.chunked_array([v for _, v in per_file], pa.string())
+    counts = pc.value_counts(everything)
+    dupes = counts.filter(pc.greater(counts.field("counts"), 1))
+    if len(dupes):
+        shown = ", ".join(repr(v) for v in dupes.field("values").to_pylist()[:5])
+        where = ", ".join(url for url, v in per_file if pc.any(pc.is_in(v, dupes.field("values"))).as_py())
+        raise InputError(
+            f"input.id_column {column!r} has {len(dupes)} duplicate value(s) ({shown}) in "
+            f"{where}; ids must be unique across the input"
+        )

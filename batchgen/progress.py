@@ -50,16 +50,20 @@ class JobProgress:
         self._rows_at_start = self.rows_done
         self._gen_at_start = self.generated_tokens
 
-    def committed(self, marker: dict[str, Any]) -> None:
+    def committed(self, marker: dict[str, Any], replaces: dict[str, Any] | None = None) -> None:
+        """A shard committed; ``replaces`` is its earlier marker when only its error rows ran
+        again (``--retry-failed``)."""
+        if replaces is not None:
+            self._add(replaces, sign=-1)
         self._add(marker)
 
-    def _add(self, m: dict[str, Any]) -> None:
-        self.done_shards += 1
-        self.rows_done += m["rows"]
-        self.outputs_done += m["outputs"]
-        self.error_rows += m["errors"]
-        self.prompt_tokens += m["prompt_tokens"]
-        self.generated_tokens += m["generated_tokens"]
+    def _add(self, m: dict[str, Any], sign: int = 1) -> None:
+        self.done_shards += sign
+        self.rows_done += sign * m["rows"]
+        self.outputs_done += sign * m["outputs"]
+        self.error_rows += sign * m["errors"]
+        self.prompt_tokens += sign * m["prompt_tokens"]
+        self.generated_tokens += sign * m["generated_tokens"]
 
     def start(self) -> None:
         self.state = "in_progress"

@@ -50,3 +50,22 @@ def head_rows(output: str, n: int, endpoint_url: str | None = None) -> list[dict
         if len(rows) >= n:
             break
     return rows
+
+
+def stored_spec(output: str, endpoint_url: str | None = None, overrides: list[str] | None = None):
+    """The spec a job was started with, from its ``job.json``, for ``batchgen resume``.
+
+    Credentials were redacted when it was written; they come from the environment again."""
+    from batchgen.spec import apply_overrides, parse_spec
+
+    out = Storage(output, storage_options(output, endpoint_url))
+    job = out.read_json_or_none("job.json")
+    if job is None:
+        raise StorageError(f"{output}: no batchgen job here to resume (no job.json)")
+    data = job["spec"]
+    storage = data.setdefault("storage", {})
+    storage["options"] = {k: v for k, v in (storage.get("options") or {}).items() if v != "<redacted>"}
+    if endpoint_url and not storage.get("endpoint_url"):
+        storage["endpoint_url"] = endpoint_url
+    data["output"]["path"] = output  # where it was found, even if it was moved
+    return parse_spec(apply_overrides(data, overrides or []), source=f"{output}/job.json")

@@ -79,6 +79,9 @@ class Storage:
         with self.fs.open(self.path(rel), "rb") as f:
             return json.loads(f.read())
 
+    def read_bytes(self, rel: str) -> bytes:
+        return self.fs.cat_file(self.path(rel))
+
     def read_json_or_none(self, rel: str) -> Any:
         try:
             return self.read_json(rel)
@@ -106,6 +109,32 @@ class Storage:
             self.fs.rm(self.path(probe))
         except Exception as e:  # noqa: BLE001 - any failure here means "not writable"
             raise StorageError(f"output.path {self.url}: cannot write there: {e}") from None
+
+    def create_bytes(self, rel: str, data: bytes) -> bool:
+        """Write ``rel`` only if it does not exist yet; False if it does. Atomic: a create-only
+        open on a local disk, a conditional PUT (``If-None-Match: *``) on S3."""
+        target = self.path(rel)
+        if self.is_local:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            tmp = f"{target}.tmp-{uuid.uuid4().hex}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            try:
+                os.link(tmp, target)  # fails if target exists; the content appears whole
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
+            return True
+        try:
+            self.fs.pipe_file(target, data, mode="create")
+        except FileExistsError:
+            return False
+        except OSError as e:  # some servers' 412 reaches s3fs as a generic OSError
+            if "precondition" in str(e).lower().replace("-", ""):
+                return False
+            raise
+        return True
 
     def write_json(self, rel: str, value: Any) -> None:
         self.write_bytes(rel, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())

@@ -82,10 +82,12 @@ class ShardWorker:
         self.in_options = input_options(spec)
         self.columns = prompts.needed_columns(spec.input)
 
-    def run(self, shard: Shard, attempt: str | None = None) -> ShardResult:
+    def run(self, shard: Shard, attempt: str | None = None, redo_errors: str | None = None) -> ShardResult:
+        """Generate the shard and stage it. With ``redo_errors`` (the committed file of this
+        shard, relative to the output), only its ``finish_reason: error`` rows are generated
+        again; every other row is copied unchanged."""
         started = time.perf_counter()
         attempt = attempt or uuid.uuid4().hex[:12]
-        spec, n = self.spec, self.spec.generation.n
 
         # 1. Read this shard's rows, and only the columns the spec needs.
         table = read_rows(shard.file, shard.row_start, shard.row_count, self.columns, self.in_options)
@@ -97,59 +99,91 @@ class ShardWorker:
         rows, bad = _rows(table)
         row_ids = self._row_ids(shard, rows)
 
-        # 2. Prompts, per row; a row that fails keeps its error and the shard goes on.
-        texts, errors = render_prompts(spec, rows, bad, self.engine.tokenizer)
-
-        # 3. Tokenize once per row, fit to the context; samples share the tokens.
-        valid = [i for i in range(len(rows)) if errors[i] is None]
-        token_ids: dict[int, tuple[int, ...]] = {}
-        for i, ids in zip(valid, self.engine.tokenize([texts[i] for i in valid], chat=spec.input.chat)):
-            try:
-                token_ids[i] = self.engine.fit(ids)
-            except PromptTooLong as e:
-                errors[i] = str(e)
-
-        # 4. Generate every (row, sample) that has a prompt.
-        keys = [(i, s) for i in sorted(token_ids) for s in range(n)]
-        seeds = {(i, s): row_seed(spec.generation.seed, row_ids[i], s) for i in range(len(rows)) for s in range(n)}
-        completions = dict(
-            zip(keys, self.engine.generate([Request(token_ids[i], seeds[(i, s)]) for i, s in keys]))
-        )
-
-        # 5. Assemble exactly one output row per (input row, sample index), and check it.
-        out: dict[str, list] = {f.name: [] for f in OUTPUT_FIELDS}
-        take: list[int] = []
-        for i in range(len(rows)):
-            for s in range(n):
-                c = completions.get((i, s))
-                take.append(i)
-                out["row_id"].append(row_ids[i])
-                out["sample_index"].append(s)
-                out["prompt"].append(texts[i])
-                out["generation"].append(c.text if c else None)
-                out["finish_reason"].append(c.finish_reason if c else "error")
-                out["prompt_tokens"].append(len(token_ids[i]) if i in token_ids else 0)
-                out["generated_tokens"].append(c.generated_tokens if c else 0)
-                out["error"].append(None if c else errors[i])
-                out["seed"].append(seeds[(i, s)])
-        result = _with_input_columns(table, spec.input.columns, take, out)
-        _verify_one_to_one(shard, row_ids, n, result)
+        if redo_errors is None:
+            result = self._generate(table, rows, bad, row_ids, range(len(rows)))
+        else:
+            result = self._redo_errors(shard, redo_errors, table, rows, bad, row_ids)
+        _verify_one_to_one(shard, row_ids, self.spec.generation.n, result)
 
         # 6. Write locally, check the footer, upload whole to staging.
         rel = staged_path(shard.shard_id, attempt)
         self._write_staged(result, rel)
+        reasons = result.column("finish_reason").to_pylist()
         return ShardResult(
             shard_id=shard.shard_id,
             attempt=attempt,
             staged=rel,
             rows=len(rows),
             outputs=result.num_rows,
-            errors=sum(1 for r in out["finish_reason"] if r == "error"),
-            prompt_tokens=sum(out["prompt_tokens"]),
-            generated_tokens=sum(out["generated_tokens"]),
+            errors=reasons.count("error"),
+            prompt_tokens=sum(result.column("prompt_tokens").to_pylist()),
+            generated_tokens=sum(result.column("generated_tokens").to_pylist()),
             seconds=time.perf_counter() - started,
             host=socket.gethostname(),
         )
+
+    def _generate(self, table, rows, bad, row_ids, which) -> pa.Table:
+        """Output rows for the input rows at indices ``which``: one per (row, sample index)."""
+        spec, n = self.spec, self.spec.generation.n
+        which = list(which)
+
+        # 2. Prompts, per row; a row that fails keeps its error and the shard goes on.
+        texts, errors = render_prompts(spec, [rows[i] for i in which], {
+            k: bad[i] for k, i in enumerate(which) if i in bad}, self.engine.tokenizer)
+
+        # 3. Tokenize once per row, fit to the context; samples share the tokens.
+        valid = [k for k in range(len(which)) if errors[k] is None]
+        token_ids: dict[int, tuple[int, ...]] = {}
+        for k, ids in zip(valid, self.engine.tokenize([texts[k] for k in valid], chat=spec.input.chat)):
+            try:
+                token_ids[k] = self.engine.fit(ids)
+            except PromptTooLong as e:
+                errors[k] = str(e)
+
+        # 4. Generate every (row, sample) that has a prompt.
+        seeds = {(k, s): row_seed(spec.generation.seed, row_ids[i], s)
+                 for k, i in enumerate(which) for s in range(n)}
+        keys = [(k, s) for k in sorted(token_ids) for s in range(n)]
+        completions = dict(
+            zip(keys, self.engine.generate([Request(token_ids[k], seeds[(k, s)]) for k, s in keys]))
+        )
+
+        # 5. Assemble exactly one output row per (input row, sample index).
+        out: dict[str, list] = {f.name: [] for f in OUTPUT_FIELDS}
+        take: list[int] = []
+        for k, i in enumerate(which):
+            for s in range(n):
+                c = completions.get((k, s))
+                failed = c is None or c.finish_reason == "error"
+                take.append(i)
+                out["row_id"].append(row_ids[i])
+                out["sample_index"].append(s)
+                out["prompt"].append(texts[k])
+                out["generation"].append(None if failed else c.text)
+                out["finish_reason"].append("error" if failed else c.finish_reason)
+                out["prompt_tokens"].append(len(token_ids[k]) if k in token_ids else 0)
+                out["generated_tokens"].append(0 if failed else c.generated_tokens)
+                out["error"].append((c.error if c is not None else errors[k]) if failed else None)
+                out["seed"].append(seeds[(k, s)])
+        return _with_input_columns(table, spec.input.columns, take, out)
+
+    def _redo_errors(self, shard, committed_rel, table, rows, bad, row_ids) -> pa.Table:
+        with self.output.open_read(committed_rel) as f:
+            committed = pq.ParquetFile(f).read()
+        keys = list(zip(committed.column("row_id").to_pylist(),
+                        committed.column("sample_index").to_pylist()))
+        reasons = committed.column("finish_reason").to_pylist()
+        redo_keys = {key for key, r in zip(keys, reasons) if r == "error"}
+        redo_rows = {r for r, _ in redo_keys}
+        which = [i for i, r in enumerate(row_ids) if r in redo_rows]
+        fresh = self._generate(table, rows, bad, row_ids, which).cast(committed.schema)
+        position = {key: j for j, key in enumerate(zip(fresh.column("row_id").to_pylist(),
+                                                      fresh.column("sample_index").to_pylist()))}
+        # Committed rows in their order, each error row swapped for its new version.
+        take = [committed.num_rows + position[key] if key in redo_keys else j
+                for j, key in enumerate(keys)]
+        both = pa.concat_tables([committed, fresh])
+        return both.take(pa.array(take, pa.int64()))
 
     def _row_ids(self, shard: Shard, rows: list[dict[str, Any]]) -> list[str]:
         id_col = self.spec.input.id_column
