@@ -49,11 +49,17 @@ class ReplicaActor:
 
     def __init__(self, spec: dict[str, Any]):
         self.worker = ShardWorker(JobSpec.model_validate(spec))
-        self.node = ray.get_runtime_context().get_node_id()
+        context = ray.get_runtime_context()
+        self.node = context.get_node_id()
+        self.name = context.get_actor_name()
+
+    def ready(self) -> bool:
+        return True
 
     def run(self, shard: dict[str, Any], attempt: str, redo_errors: str | None = None) -> dict[str, Any]:
         result = self.worker.run(Shard(**shard), attempt, redo_errors).to_dict()
         result["node_id"] = self.node
+        result["replica"] = self.name
         return result
 
 
@@ -159,6 +165,7 @@ def _run_locked(spec, out, lock, *, address, live, log, force, retry_failed) -> 
 
     # 3. Finalize: manifest and _SUCCESS only when every shard is committed.
     if progress.failed_shards:
+        progress.failed_shards.sort()
         msg = (
             f"{len(progress.failed_shards)} shard(s) failed after "
             f"{spec.resources.max_attempts} attempts: {', '.join(progress.failed_shards[:10])}"
@@ -362,6 +369,7 @@ class _Scheduler:
         self.lock: JobLock = lock
         self.payload = spec.model_dump(mode="json")
         self.replicas: list[Any] = []
+        self.starting: dict[Any, int] = {}  # ready() ref -> replica index, until it has loaded
         self.inflight: dict[Any, tuple[_Task, str, int, Any]] = {}
         self.current: dict[str, str] = {}
         self.attempts: dict[str, int] = {}
@@ -374,24 +382,37 @@ class _Scheduler:
     def _new_replica(self):
         r = self.spec.resources
         self.generation += 1
-        return ReplicaActor.options(
+        actor = ReplicaActor.options(
             name=f"{self.tag}-replica-{self.generation}",
             num_cpus=r.cpus_per_replica,
             num_gpus=r.gpus_per_replica,
         ).remote(self.payload)
+        return actor, actor.ready.remote()
+
+    def _start(self, idx: int) -> None:
+        actor, ready = self._new_replica()
+        if idx == len(self.replicas):
+            self.replicas.append(actor)
+        else:
+            self.replicas[idx] = actor
+        self.starting = {ref: i for ref, i in self.starting.items() if i != idx}
+        self.starting[ready] = idx
 
     def run(self, tasks: list[_Task], replicas: int) -> None:
         queue = deque(tasks)
-        count = min(replicas, len(tasks))
-        self.replicas = [self._new_replica() for _ in range(count)]
+        for idx in range(min(replicas, len(tasks))):
+            self._start(idx)
         try:
             while queue or self.inflight:
                 if self.lock.lost:
                     raise BatchgenError(f"stopping: {self.lock.lost}")
                 self._feed(queue)
-                ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=1.0)
+                ready, _ = ray.wait([*self.inflight, *self.starting], num_returns=1, timeout=1.0)
                 for ref in ready:
-                    self._collect(ref, queue)
+                    if ref in self.starting:
+                        self._started(ref)
+                    else:
+                        self._collect(ref, queue)
                 self.display.update()
                 self._write_status()
         finally:
@@ -401,12 +422,22 @@ class _Scheduler:
                 ray.kill(actor, no_restart=True)
         self.display.update(force=True)
 
+    def _started(self, ref) -> None:
+        idx = self.starting.pop(ref)
+        try:
+            ray.get(ref)
+        except RayActorError as e:
+            self._replace(idx, e)
+
     def _feed(self, queue: deque) -> None:
+        """Give each loaded replica up to IN_FLIGHT_PER_REPLICA shards. A replica still starting
+        gets none: a replacement that never fits (its node is gone) must not strand shards."""
         load = [0] * len(self.replicas)  # shards queued on each current replica
         for _, _, idx, actor in self.inflight.values():
             if self.replicas[idx] is actor:
                 load[idx] += 1
-        for idx in sorted(range(len(self.replicas)), key=lambda i: load[i]):
+        loading = set(self.starting.values())
+        for idx in sorted(set(range(len(self.replicas))) - loading, key=lambda i: load[i]):
             while queue and load[idx] < IN_FLIGHT_PER_REPLICA:
                 task = queue.popleft()
                 sid = task.shard.shard_id
@@ -423,7 +454,12 @@ class _Scheduler:
         try:
             result = ray.get(ref)
         except (ActorUnavailableError, GetTimeoutError) as e:
-            time.sleep(1.0)  # restarting or its node is unreachable: give it a moment
+            # Restarting, or its node is unreachable. A restart reloads the model anyway, and it
+            # may wait forever for a node that is gone, so start a fresh replica instead; if
+            # the old one is alive after all, its late results are zombies and are discarded.
+            time.sleep(0.5)
+            if self.replicas[idx] is actor:
+                self._replace(idx, e)
             self._retry(task, queue, f"replica unavailable: {_short(e)}")
         except RayActorError as e:
             if self.replicas[idx] is actor:  # its other queued shard fails the same way
@@ -482,7 +518,7 @@ class _Scheduler:
         if getattr(error, "actor_init_failed", False) or self.replacements > limit:
             raise BatchgenError(f"model replicas cannot start: {_short(error)}") from None
         ray.kill(self.replicas[idx], no_restart=True)
-        self.replicas[idx] = self._new_replica()
+        self._start(idx)
 
     def _write_status(self) -> None:
         if time.monotonic() - self.last_status >= STATUS_EVERY_S:
