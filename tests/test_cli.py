@@ -119,7 +119,8 @@ def test_sigterm_cancels_cleanly_and_a_rerun_resumes(tmp_path, prompts_dir, tiny
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130, output
-    assert time.monotonic() - sent < 10
+    # Within Ray's job-stop grace: SIGKILL follows SIGTERM after 3 s.
+    assert time.monotonic() - sent < 3.0, time.monotonic() - sent
     status = json.loads((out / "status.json").read_text())
     assert status["state"] == "cancelled"
     committed = len(list(done.iterdir()))
