@@ -153,10 +153,13 @@ NODE_LOSS = textwrap.dedent("""
             result["error"] = repr(e)
     t = threading.Thread(target=drive); t.start()
     done = out / "_batchgen" / "done"
-    while t.is_alive() and not (done.exists() and len(list(done.iterdir())) >= 2):
+    while t.is_alive() and not (done.exists() and len(list(done.iterdir())) >= 1):
         time.sleep(0.1)
-    lost = workers[0].unique_id
-    cluster.remove_node(workers[0], allow_graceful=False)
+    # The node whose replica committed first: it has loaded and holds its next shard.
+    busy = json.loads(next(done.iterdir()).read_text())["node_id"]
+    victim = next(w for w in workers if w.node_id == busy)
+    lost = victim.node_id
+    cluster.remove_node(victim, allow_graceful=False)
     result["removed_at_done"] = len(list(done.iterdir()))
     t.join(600)
     result["lost_node"] = lost
