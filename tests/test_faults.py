@@ -171,8 +171,10 @@ NODE_LOSS = textwrap.dedent("""
 @pytest.mark.ray
 def test_node_lost_mid_job(tiny_model, prompts_dir, tmp_path):
     out = tmp_path / "out"
-    raw = spec_dict(str(prompts_dir), str(out), tiny_model, input=OPEN, generation=SAMPLING,
-                    resources={"replicas": 2, "shard_rows": 4, "batch_size": 8})
+    # Shards of a few seconds each (batch size 1), so the node goes while one is running.
+    raw = spec_dict(str(prompts_dir), str(out), tiny_model, input=OPEN,
+                    generation={**SAMPLING, "max_new_tokens": 64},
+                    resources={"replicas": 2, "shard_rows": 8, "batch_size": 1})
     ray_tmp = tempfile.mkdtemp(prefix="bgnl", dir="/tmp")  # short: Ray's socket paths are long
     # On one host Ray swaps 127.0.0.1 for the host's address when nodes join; this keeps loopback.
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
@@ -186,13 +188,14 @@ def test_node_lost_mid_job(tiny_model, prompts_dir, tmp_path):
     assert proc.returncode == 0 and last, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(last[-1][7:])
     assert result.get("summary") == "completed", result
-    assert result["removed_at_done"] < 20, "the node was removed after the job had finished"
+    assert result["removed_at_done"] < 10, "the node was removed after the job had finished"
 
     rows = output_rows(str(out))
     line = tally("remove_node (one of two worker nodes) mid-job", keys(rows), expected())
     assert line["duplicates"] == line["lost"] == line["unexpected"] == 0
     markers = [json.loads(p.read_text()) for p in (out / "_batchgen" / "done").iterdir()]
-    assert any(m["attempts"] > 1 for m in markers), "no shard was in flight on the lost node"
+    assert any(m["attempts"] > 1 for m in markers), ("no shard was in flight on the lost node",
+                                                     proc.stdout[-3000:])
 
 
 def _kill_processes_under(path: str) -> None:
