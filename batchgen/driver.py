@@ -80,6 +80,10 @@ def data_path(shard_id: str) -> str:
     return f"data/part-{shard_id}.parquet"
 
 
+def chunks_path(shard_id: str) -> str:
+    return f"chunks/part-{shard_id}.parquet"
+
+
 def run_job(
     spec: JobSpec,
     *,
@@ -282,6 +286,8 @@ def _manifest(spec: JobSpec, plan: Plan, markers: list[dict[str, Any]]) -> dict[
         "error_rows": sum(m["errors"] for m in markers),
         "prompt_tokens": sum(m["prompt_tokens"] for m in markers),
         "generated_tokens": sum(m["generated_tokens"] for m in markers),
+        **{k: sum(m.get(k, 0) for m in markers)
+           for k in ("parsed", "parse_errors", "duplicates_removed", "chunked_rows", "chunks")},
         "files": [
             {"path": m["file"], "shard_id": m["shard_id"], "rows": m["outputs"]} for m in markers
         ],
@@ -474,17 +480,23 @@ class _Scheduler:
         """Commit ``result`` if its attempt is the shard's current one; False for a zombie."""
         shard = task.shard
         if self.current.get(shard.shard_id) != result["attempt"]:
-            self.out.remove(result["staged"])  # an attempt we gave up on: never reaches data/
+            for staged in (result["staged"], result.get("staged_chunks")):
+                if staged:
+                    self.out.remove(staged)  # an attempt we gave up on: never reaches data/
             return False
         final = data_path(shard.shard_id)
+        if result.get("staged_chunks"):  # first, so data/ never refers to missing chunks
+            self.out.publish(result["staged_chunks"], chunks_path(shard.shard_id))
         self.out.publish(result["staged"], final)
         marker = {
             **result,
             "file": final,
+            "chunks_file": chunks_path(shard.shard_id) if result.get("staged_chunks") else None,
             "attempts": self.attempts[shard.shard_id],
             "committed_at": now_iso(),
         }
         marker.pop("staged")
+        marker.pop("staged_chunks", None)
         if task.redo_errors:
             marker["errors_before_retry"] = self.markers[shard.shard_id]["errors"]
         self.out.write_json(f"_batchgen/done/{shard.shard_id}.json", marker)

@@ -20,7 +20,7 @@ from fsspec.core import url_to_fs
 from batchgen import prompts
 from batchgen.errors import InputError, SpecError
 from batchgen.spec import JobSpec
-from batchgen.storage import open_input, storage_options
+from batchgen.storage import JSONL_SUFFIXES, file_format, open_input, read_jsonl, read_rows, storage_options
 
 PLAN_VERSION = 1
 _GLOB_CHARS = set("*?[")
@@ -82,12 +82,12 @@ def input_options(spec: JobSpec) -> dict:
 def make_plan(spec: JobSpec) -> Plan:
     """List the input, read every file's footer (no row data), check columns, cut shards."""
     options = input_options(spec)
-    listed = list_input_files(spec.input.path, options)
+    listed = list_input_files(spec.input.path, options, spec.input.format)
     needed = prompts.needed_columns(spec.input)
 
     def footer(entry: tuple[str, int, str]) -> InputFile:
         url, size, etag = entry
-        return InputFile(url, size, etag, _footer_rows(url, options, needed))
+        return InputFile(url, size, etag, _footer_rows(url, options, needed, spec.input.format))
 
     with ThreadPoolExecutor(max_workers=16) as pool:
         files = tuple(pool.map(footer, listed))
@@ -126,8 +126,8 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def list_input_files(path: str, options: dict) -> list[tuple[str, int, str]]:
-    """``(url, size, etag)`` of every Parquet file the input path names, sorted by URL.
+def list_input_files(path: str, options: dict, fmt: str = "auto") -> list[tuple[str, int, str]]:
+    """``(url, size, etag)`` of every input file the input path names, sorted by URL.
 
     Directories are searched recursively; files and folders whose names start with ``_`` or
     ``.`` are skipped (the Hive/Spark convention), so the output folder of an earlier batchgen
@@ -140,13 +140,17 @@ def list_input_files(path: str, options: dict) -> list[tuple[str, int, str]]:
             if not infos:
                 raise InputError(f"input.path {path}: the glob matches no files")
         elif fs.isdir(root):
+            # (Not *.json by default: a batchgen output holds job.json, plan.json...)
+            suffixes = {"parquet": (".parquet",), "jsonl": JSONL_SUFFIXES}.get(
+                fmt, (".parquet", ".jsonl", ".ndjson"))
             infos = [
                 i
                 for p, i in fs.find(root, detail=True).items()
-                if p.endswith(".parquet") and not _hidden(posixpath.relpath(p, root))
+                if p.lower().endswith(suffixes) and not _hidden(posixpath.relpath(p, root))
             ]
             if not infos:
-                raise InputError(f"input.path {path}: the directory holds no *.parquet files")
+                raise InputError(
+                    f"input.path {path}: the directory holds no {'/'.join('*' + x for x in suffixes)} files")
         elif fs.isfile(root):
             infos = [fs.info(root)]
         else:
@@ -167,16 +171,26 @@ def _hidden(rel: str) -> bool:
     return any(part.startswith(("_", ".")) for part in rel.split("/"))
 
 
-def _footer_rows(url: str, options: dict, needed: list[str]) -> int:
+def _footer_rows(url: str, options: dict, needed: list[str], fmt: str = "auto") -> int:
+    """Row count and a column check: from the footer for Parquet; a JSON Lines file has no
+    footer, so it is read (seed datasets are small)."""
     import pyarrow.parquet as pq
 
-    try:
-        with open_input(url, options) as f:
-            pf = pq.ParquetFile(f)
-            names = set(pf.schema_arrow.names)
-            rows = pf.metadata.num_rows
-    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for bad files
-        raise InputError(f"{url}: not a readable Parquet file: {e}") from None
+    if file_format(url, fmt) == "jsonl":
+        try:
+            table = read_jsonl(url, options)
+        except Exception as e:  # noqa: BLE001
+            raise InputError(f"{url}: not a readable JSON Lines file (one object per line): "
+                             f"{str(e).splitlines()[0]}") from None
+        names, rows = set(table.column_names), table.num_rows
+    else:
+        try:
+            with open_input(url, options) as f:
+                pf = pq.ParquetFile(f)
+                names = set(pf.schema_arrow.names)
+                rows = pf.metadata.num_rows
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for bad files
+            raise InputError(f"{url}: not a readable Parquet file: {e}") from None
     missing = [c for c in needed if c not in names]
     if missing:
         raise SpecError(
@@ -193,7 +207,6 @@ def check_unique_ids(spec: JobSpec, plan: Plan) -> None:
     when a job is first planned."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     column = spec.input.id_column
     if column is None:
@@ -201,8 +214,7 @@ def check_unique_ids(spec: JobSpec, plan: Plan) -> None:
     options = input_options(spec)
 
     def ids(f: InputFile):
-        with open_input(f.url, options) as fh:
-            values = pq.ParquetFile(fh).read(columns=[column], use_threads=False).column(column)
+        values = read_rows(f.url, 0, f.rows, [column], options, spec.input.format).column(column)
         return f.url, values.cast(pa.string())
 
     with ThreadPoolExecutor(max_workers=8) as pool:

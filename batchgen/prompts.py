@@ -11,7 +11,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateSyntaxError, meta
+from jinja2 import StrictUndefined, TemplateSyntaxError, meta, nodes
 from jinja2.exceptions import SecurityError, UndefinedError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -29,22 +29,45 @@ def _env() -> ImmutableSandboxedEnvironment:
 
 
 @lru_cache(maxsize=64)
-def _compile(template: str):
-    try:
-        return _env().from_string(template)
-    except TemplateSyntaxError as e:
-        raise SpecError(f"input.template: invalid Jinja2 template (line {e.lineno}): {e.message}")
+def _compile(template: str, key: str = "input.template"):
+    check_template(template, key)
+    return _env().from_string(template)
 
 
-def template_columns(template: str) -> set[str]:
-    """The row columns a template reads."""
+def _parse(template: str, key: str):
     try:
-        ast = _env().parse(template)
+        return _env().parse(template)
     except TemplateSyntaxError as e:
+        raise SpecError(f"{key}: invalid Jinja2 template (line {e.lineno}): {e.message}") from None
+
+
+def check_template(template: str, key: str = "input.template") -> None:
+    """Refuse, before any work, what the sandbox would refuse on every row: private attributes
+    (the way to Python internals), and include/import/extends (the way to files)."""
+    ast = _parse(template, key)
+    for node in ast.find_all((nodes.Include, nodes.Import, nodes.FromImport, nodes.Extends)):
         raise SpecError(
-            f"input.template: invalid Jinja2 template (line {e.lineno}): {e.message}"
-        ) from None
-    return set(meta.find_undeclared_variables(ast))
+            f"{key}: refused by the sandbox: templates may not {type(node).__name__.lower()} "
+            f"other templates or files (line {node.lineno})"
+        )
+    for node in ast.find_all(nodes.Filter):
+        arg = node.args[0] if node.name == "attr" and node.args else None
+        if isinstance(arg, nodes.Const) and str(arg.value).startswith("_"):
+            raise SpecError(f"{key}: refused by the sandbox: access to {arg.value!r} "
+                            f"(line {node.lineno}); templates may only read the row's columns")
+    for node in ast.find_all((nodes.Getattr, nodes.Getitem)):
+        name = node.attr if isinstance(node, nodes.Getattr) else getattr(node.arg, "value", None)
+        if isinstance(name, str) and name.startswith("_"):
+            raise SpecError(
+                f"{key}: refused by the sandbox: access to {name!r} (line {node.lineno}); "
+                "templates may only read the row's columns"
+            )
+
+
+def template_columns(template: str, key: str = "input.template") -> set[str]:
+    """The row columns a template reads."""
+    check_template(template, key)
+    return set(meta.find_undeclared_variables(_parse(template, key)))
 
 
 def needed_columns(spec: InputSpec) -> list[str]:
@@ -52,6 +75,11 @@ def needed_columns(spec: InputSpec) -> list[str]:
     cols: list[str] = []
     if spec.template is not None:
         cols += sorted(template_columns(spec.template))
+        if spec.reduce_template is not None:
+            reduce_cols = template_columns(spec.reduce_template, "input.reduce_template")
+            cols += sorted(reduce_cols - {"summaries"})
+        if spec.chunk_column:
+            cols.append(spec.chunk_column)
     else:
         cols.append(spec.prompt_source)
     if spec.id_column:
@@ -60,11 +88,14 @@ def needed_columns(spec: InputSpec) -> list[str]:
     return list(dict.fromkeys(cols))
 
 
-def render(spec: InputSpec, row: dict[str, Any]) -> str:
-    """The prompt text for one row (before any chat template); raises RowError."""
-    if spec.template is not None:
+def render(spec: InputSpec, row: dict[str, Any], template: str | None = None,
+           key: str = "input.template") -> str:
+    """The prompt text for one row (before any chat template); raises RowError. ``template``
+    replaces the spec's (the reduce step of chunked documents)."""
+    template = template or spec.template
+    if template is not None:
         try:
-            text = _compile(spec.template).render(**row)
+            text = _compile(template, key).render(**row)
         except SecurityError as e:
             raise RowError(f"template refused by the sandbox: {e}") from None
         except UndefinedError as e:
@@ -88,5 +119,13 @@ def chat_messages(spec: InputSpec, prompt: str) -> list[dict[str, str]]:
     messages = []
     if spec.system_prompt:
         messages.append({"role": "system", "content": spec.system_prompt})
+    for ex in spec.examples:
+        messages += [{"role": "user", "content": ex.user}, {"role": "assistant", "content": ex.assistant}]
     messages.append({"role": "user", "content": prompt})
     return messages
+
+
+def with_examples(spec: InputSpec, prompt: str) -> str:
+    """Few-shot examples as plain text before the prompt (when chat is off)."""
+    blocks = [f"{ex.user}{ex.assistant}" for ex in spec.examples]
+    return "\n\n".join([*blocks, prompt])

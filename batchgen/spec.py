@@ -20,6 +20,7 @@ from batchgen.errors import SpecError
 OUTPUT_COLUMNS = (
     "row_id", "sample_index", "prompt", "generation", "finish_reason",
     "prompt_tokens", "generated_tokens", "error", "seed",
+    "parsed", "parse_error", "document_tokens", "chunks",
 )
 
 
@@ -27,10 +28,21 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class Example(_Section):
+    user: str = Field(description="An example prompt.")
+    assistant: str = Field(description="The answer the model should imitate.")
+
+
 class InputSpec(_Section):
     path: str = Field(
-        description="Parquet input: a file, a directory (all *.parquet under it), a glob, or an "
-        "s3:// URL of any of those. Relative local paths are relative to the working directory."
+        description="Parquet or JSONL input: a file, a directory (all *.parquet / *.jsonl under "
+        "it), a glob, or an s3:// URL of any of those. Relative local paths are relative to the "
+        "working directory."
+    )
+    format: Literal["auto", "parquet", "jsonl"] = Field(
+        default="auto",
+        description="Input file format; 'auto' goes by the extension (.jsonl/.ndjson/.json are "
+        "JSON Lines, one object per line; anything else is Parquet).",
     )
     prompt_column: str | None = Field(
         default=None,
@@ -56,6 +68,48 @@ class InputSpec(_Section):
     columns: tuple[str, ...] = Field(
         default=(), description="Input columns copied into every output row."
     )
+    examples: tuple[Example, ...] = Field(
+        default=(),
+        description="Few-shot examples placed before the prompt: as user/assistant turns with "
+        "chat: true, else as text blocks separated by blank lines.",
+    )
+    long_documents: Literal["truncate", "chunk"] = Field(
+        default="truncate",
+        description="A prompt longer than the model's input budget is cut (model.truncation) or, "
+        "with 'chunk', its chunk_column is split into token windows, each window summarized with "
+        "the template, and the window summaries combined with reduce_template: one output per row.",
+    )
+    chunk_column: str | None = Field(
+        default=None, description="With long_documents: chunk, the column holding the document."
+    )
+    chunk_tokens: int | None = Field(
+        default=None,
+        gt=0,
+        description="Tokens of the document per window; default: what fits in the input budget "
+        "next to the template.",
+    )
+    chunk_overlap: int = Field(
+        default=0, ge=0, description="Tokens shared by consecutive windows."
+    )
+    reduce_template: str | None = Field(
+        default=None,
+        description="Jinja2 template that combines the window summaries of one row, given as the "
+        "list `summaries` besides the row's columns, e.g. 'Combine: {{ summaries | join(" ") }}'.",
+    )
+
+    @model_validator(mode="after")
+    def _chunking(self) -> InputSpec:
+        if self.long_documents == "chunk":
+            if not self.chunk_column or not self.reduce_template or self.template is None:
+                raise ValueError(
+                    "long_documents: chunk needs template (the per-window prompt), chunk_column "
+                    "(the document column the template reads) and reduce_template"
+                )
+            if self.chunk_tokens is not None and self.chunk_overlap >= self.chunk_tokens:
+                raise ValueError("chunk_overlap must be smaller than chunk_tokens")
+        elif self.reduce_template is not None or self.chunk_column is not None:
+            raise ValueError("reduce_template and chunk_column need long_documents: chunk")
+        return self
 
     @model_validator(mode="after")
     def _one_prompt_source(self) -> InputSpec:
@@ -129,6 +183,11 @@ class GenerationSpec(_Section):
     repetition_penalty: float = Field(
         default=1.0, gt=0.0, description="CTRL-style penalty on tokens already seen; 1 = off."
     )
+    dedupe: bool = Field(
+        default=False,
+        description="Drop a sample whose text repeats an earlier sample of the same row exactly "
+        "(counted as duplicates_removed in the done markers and manifest).",
+    )
 
     @model_validator(mode="after")
     def _sampling_for_many(self) -> GenerationSpec:
@@ -150,6 +209,30 @@ class OutputSpec(_Section):
     compression: Literal["zstd", "snappy", "gzip", "none"] = Field(
         default="zstd", description="Parquet compression of the data files."
     )
+    parse: Literal["none", "json"] = Field(
+        default="none",
+        description="'json': parse the first JSON object in each generation into the `parsed` "
+        "column (canonical JSON text); rows that do not parse keep a `parse_error`, and are "
+        "counted, not dropped.",
+    )
+    json_schema: dict[str, Any] | None = Field(
+        default=None,
+        description="A JSON Schema that parsed objects must satisfy (needs parse: json); a "
+        "violation is a parse_error.",
+    )
+
+    @model_validator(mode="after")
+    def _schema_is_valid(self) -> OutputSpec:
+        if self.json_schema is not None:
+            if self.parse != "json":
+                raise ValueError("json_schema needs parse: json")
+            from jsonschema import SchemaError, validators
+
+            try:
+                validators.validator_for(self.json_schema).check_schema(self.json_schema)
+            except SchemaError as e:
+                raise ValueError(f"json_schema is not a valid JSON Schema: {e.message}") from None
+        return self
 
 
 class ResourcesSpec(_Section):
@@ -205,6 +288,12 @@ class JobSpec(_Section):
     output: OutputSpec
     resources: ResourcesSpec = ResourcesSpec()
     storage: StorageSpec = StorageSpec()
+
+    @model_validator(mode="after")
+    def _chunking_is_one_sample(self) -> JobSpec:
+        if self.input.long_documents == "chunk" and self.generation.n != 1:
+            raise ValueError("input.long_documents: chunk makes one summary per row; use generation.n: 1")
+        return self
 
     @model_validator(mode="after")
     def _context_fits(self) -> JobSpec:

@@ -189,12 +189,35 @@ def open_input(url: str, options: dict):
     return fs.open(path, "rb")
 
 
-def read_rows(url: str, row_start: int, row_count: int, columns: list[str], options: dict):
-    """Rows ``[row_start, row_start + row_count)`` of a Parquet file, reading only the row
-    groups that overlap them."""
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
+
+
+def file_format(url: str, declared: str = "auto") -> str:
+    """'parquet' or 'jsonl' for an input file: as declared, else by its extension."""
+    if declared != "auto":
+        return declared
+    return "jsonl" if url.lower().endswith(JSONL_SUFFIXES) else "parquet"
+
+
+def read_jsonl(url: str, options: dict):
+    """A whole JSON Lines file as a table (one object per line; types inferred per file)."""
+    import pyarrow.json as pj
+
+    with open_input(url, options) as f:
+        return pj.read_json(f, read_options=pj.ReadOptions(use_threads=False))
+
+
+def read_rows(url: str, row_start: int, row_count: int, columns: list[str], options: dict,
+              fmt: str = "auto"):
+    """Rows ``[row_start, row_start + row_count)`` of an input file. For Parquet only the row
+    groups that overlap them are read; a JSON Lines file is read whole and sliced."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    if file_format(url, fmt) == "jsonl":
+        table = read_jsonl(url, options)
+        return table.select(columns).slice(row_start, row_count) if columns else table.slice(
+            row_start, row_count)
     with open_input(url, options) as f:
         pf = pq.ParquetFile(f)
         groups, first_row, offset = [], None, 0
