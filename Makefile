@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-stamp
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench clean
+.PHONY: install demo demo-synthetic demo-summarize tiny-model test bench clean
 
 install: $(STAMP)
 
@@ -19,12 +19,25 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
-demo: install
+tiny-model: install
 	test -f .demo/tiny-model/config.json || $(BIN)/batchgen init-model .demo/tiny-model
+
+demo: tiny-model
 	rm -rf .demo/output
 	$(BIN)/batchgen run jobs/demo.yaml
 	@echo "--- output in .demo/output (data/part-*.parquet); first rows:"
 	$(BIN)/batchgen show .demo/output -n 6
+
+# The two example jobs users come for (jobs/synthetic-qa.yaml, jobs/summarize-corpus.yaml).
+demo-synthetic: tiny-model
+	rm -rf .demo/synthetic-qa
+	$(BIN)/batchgen run jobs/synthetic-qa.yaml
+	$(BIN)/batchgen show .demo/synthetic-qa -n 4
+
+demo-summarize: tiny-model
+	rm -rf .demo/summaries
+	$(BIN)/batchgen run jobs/summarize-corpus.yaml
+	$(BIN)/batchgen show .demo/summaries -n 4
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -76,7 +76,7 @@ def test_bad_inputs_fail_with_the_path(tmp_path, prompts_dir):
     with pytest.raises(InputError, match="the glob matches no files"):
         make_plan(spec_for(f"{tmp_path}/*.parquet"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(InputError, match="holds no \\*.parquet files"):
+    with pytest.raises(InputError, match="holds no \\*.parquet/\\*.jsonl/\\*.ndjson files"):
         make_plan(spec_for(tmp_path / "empty"))
     bad = tmp_path / "bad.parquet"
     bad.write_text("this is not parquet")

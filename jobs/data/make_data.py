@@ -3,6 +3,8 @@
     python jobs/data/make_data.py
 """
 
+import json
+import random
 from pathlib import Path
 
 import pyarrow as pa
@@ -20,8 +22,40 @@ def demo_prompts() -> pa.Table:
     return pa.table({"id": list(ids), "topic": list(topics), "style": list(styles)})
 
 
+LEVELS = ["beginner", "expert"]
+
+
+def qa_topics() -> list[dict]:
+    """The seed of the synthetic Q&A job: one JSON object per topic and level."""
+    return [{"topic_id": f"q{i:03d}", "topic": t, "level": LEVELS[i % 2]}
+            for i, t in enumerate(TOPICS + TOPICS[:8])]
+
+
+WORDS = ("the a river robot garden moon city bird song bread mountain winter train library sea "
+         "clock bee old new quiet bright long small green cold warm walks sings builds remembers "
+         "finds keeps carries under over near after before slowly softly and but").split()
+
+
+def corpus() -> pa.Table:
+    """Documents to summarize: mostly short, a few far longer than the tiny model's context
+    (512 tokens), so the chunked map-then-reduce path runs. Seeded: the same bytes every time."""
+    rng = random.Random(5)
+    docs = []
+    for i in range(24):
+        sentences = rng.choice([3, 5, 8]) if i % 8 else [60, 90, 130][i // 8]  # docs 0, 8, 16 long
+        text = " ".join(
+            " ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 12))).capitalize() + "."
+            for _ in range(sentences))
+        docs.append({"doc_id": f"d{i:03d}", "title": f"Document {i}", "text": text})
+    return pa.Table.from_pylist(docs)
+
+
 if __name__ == "__main__":
     here = Path(__file__).parent
     # Small row groups so shards and row-group reads are exercised even on this tiny input.
     pq.write_table(demo_prompts(), here / "demo-prompts.parquet", row_group_size=16)
-    print(f"wrote {here / 'demo-prompts.parquet'}")
+    with open(here / "qa-topics.jsonl", "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in qa_topics())
+    pq.write_table(corpus(), here / "corpus.parquet", row_group_size=8)
+    for name in ("demo-prompts.parquet", "qa-topics.jsonl", "corpus.parquet"):
+        print(f"wrote {here / name}")
