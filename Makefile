@@ -7,6 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: install demo demo-synthetic demo-summarize tiny-model test bench clean
 
@@ -41,6 +42,12 @@ demo-summarize: tiny-model
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Side-by-side performance figures as JSON lines (see README "Performance"); not part of `make test`.
+bench: tiny-model
+	cd benchmarks && ../$(BIN)/python bench_engine.py $(BENCH_ARGS)
+	cd benchmarks && ../$(BIN)/python bench_system.py $(BENCH_ARGS)
+	cd benchmarks && ../$(BIN)/python bench_driver.py $(BENCH_ARGS)
 
 clean:
 	rm -rf .demo build *.egg-info

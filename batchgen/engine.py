@@ -144,6 +144,10 @@ def check_model(model: ModelSpec, gen: GenerationSpec, inp: InputSpec) -> dict[s
 
     Loads no weights, so a bad model path or an impossible spec fails before replicas start.
     """
+    if model.engine == "echo":
+        if inp.chat:
+            raise ModelError("model.engine 'echo' has no chat template; set input.chat: false")
+        return {"context": None, "max_input_tokens": model.max_input_tokens}
     from transformers import AutoConfig
 
     try:
@@ -160,6 +164,38 @@ def check_model(model: ModelSpec, gen: GenerationSpec, inp: InputSpec) -> dict[s
         )
     context = context_length(config, tok)
     return {"context": context, "max_input_tokens": input_budget(model, gen, context)}
+
+
+def load_engine(model: ModelSpec, generation: GenerationSpec, resources: ResourcesSpec):
+    if model.engine == "echo":
+        return EchoEngine(generation, model.max_input_tokens)
+    return Engine.load(model, generation, resources)
+
+
+class EchoEngine:
+    """No model: each request gets the fixed text ``[echo]``, one token, finish_reason 'stop'.
+    Prompts are "tokenized" by whitespace so budgets and counts still mean something."""
+
+    TEXT = "[echo]"
+
+    def __init__(self, generation: GenerationSpec, max_input_tokens: int | None = None):
+        self.gen = generation
+        self.tokenizer = None
+        self.max_input_tokens = max_input_tokens
+        self.truncation = "left"
+        self.stats = EngineStats()
+
+    def tokenize(self, texts: list[str], *, chat: bool = False) -> list[list[int]]:
+        return [list(range(len(t.split()))) for t in texts]
+
+    def fit(self, ids: list[int]) -> tuple[int, ...]:
+        limit = self.max_input_tokens
+        return tuple(ids if limit is None else ids[-limit:])
+
+    def generate(self, requests: list[Request]) -> list[Completion]:
+        self.stats.batches += 1 if requests else 0
+        self.stats.generated_tokens += len(requests)
+        return [Completion(self.TEXT, "stop", 1, [0]) for _ in requests]
 
 
 class Engine:
@@ -183,8 +219,10 @@ class Engine:
         self.max_batch_tokens = max_batch_tokens
         self.device = next(model.parameters()).device
         self.pad_id = tokenizer.pad_token_id
-        self.eos_ids = _eos_ids(model, tokenizer)
+        self.eos_ids = set() if generation.ignore_eos else _eos_ids(model, tokenizer)
         self.stats = EngineStats()
+        self._keep_last = True
+        self._can_stack_caches = True
         longest_stop = max((len(s) for s in generation.stop), default=0)
         self._stop_window = 2 * longest_stop + 4  # tokens re-decoded to look for a stop string
 
@@ -325,12 +363,10 @@ class Engine:
 
         sampler = _Sampler(self.gen, requests, input_ids, mask, dev)
 
-        # 2. Prefill.
-        out = self.model(
-            input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True
-        )
-        cache = out.past_key_values
-        logits = _last_logits(out)
+        # 2. Prefill, in groups of similar length whose KV caches are then left-padded and
+        # stacked: the decode batch stays whole while prompt padding stays small.
+        lengths = [len(r.prompt_ids) for r in requests]
+        cache, logits, padded = self._grouped_prefill(input_ids, mask, positions, lengths)
         next_pos = positions[:, -1:] + 1
 
         # 3. Decode until every row has stopped; finished rows leave the batch.
@@ -372,10 +408,50 @@ class Engine:
         s = self.stats
         s.batches += 1
         s.prompt_tokens += sum(len(r.prompt_ids) for r in requests)
-        s.padded_prompt_positions += B * L
+        s.padded_prompt_positions += padded
         s.generated_tokens += sum(c.generated_tokens for c in completions)
         s.seconds += time.perf_counter() - started
         return completions
+
+    def _grouped_prefill(self, input_ids, mask, positions, lengths):
+        """(cache, last logits, prompt positions computed). Rows come longest first; a new
+        group starts where adding a row would leave less than PREFILL_FILL of the group's
+        positions real tokens."""
+        B, L = input_ids.shape
+        groups, start = [], 0
+        for i in range(1, B + 1):
+            if i == B or sum(lengths[start:i + 1]) < PREFILL_FILL * (i + 1 - start) * lengths[start]:
+                groups.append((start, i))
+                start = i
+        if len(groups) > 1 and not self._can_stack_caches:
+            groups = [(0, B)]
+        if len(groups) == 1:
+            out = self._prefill(input_ids, mask, positions)
+            return out.past_key_values, _last_logits(out), B * L
+        outs = []
+        for a, b in groups:
+            width = max(lengths[a:b])
+            outs.append((self._prefill(input_ids[a:b, L - width:], mask[a:b, L - width:],
+                                       positions[a:b, L - width:]), width))
+        try:
+            cache = _stack_left_padded([o.past_key_values for o, _ in outs], L)
+        except (AttributeError, TypeError):  # a cache that is not plain per-layer K/V tensors
+            self._can_stack_caches = False
+            out = self._prefill(input_ids, mask, positions)
+            return out.past_key_values, _last_logits(out), B * L
+        logits = torch.cat([_last_logits(o) for o, _ in outs])
+        return cache, logits, sum((b - a) * w for (a, b), (_, w) in zip(groups, outs))
+
+    def _prefill(self, input_ids, mask, positions):
+        """The prompt pass. Only the last position's logits are needed: asking for just those
+        skips the LM head over every prompt token (rows x length x vocab multiply-adds)."""
+        kwargs = dict(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        if self._keep_last:
+            try:
+                return self.model(**kwargs, logits_to_keep=1)
+            except TypeError:  # a model whose forward has no logits_to_keep
+                self._keep_last = False
+        return self.model(**kwargs)
 
     def _hit_stop(self, ids: list[int]) -> bool:
         if not self.gen.stop:
@@ -442,6 +518,23 @@ class _Sampler:
         for row, gen in enumerate(self.generators):
             noise[row].exponential_(generator=gen)
         return (logp - noise.log()).argmax(dim=-1)
+
+
+PREFILL_FILL = 0.9  # least share of real tokens among the prompt positions of a prefill group
+
+
+def _stack_left_padded(caches: list[Any], length: int) -> Any:
+    """One cache for all rows: each group's keys/values left-padded (zeros, masked out) to
+    ``length`` and stacked along the batch, layer by layer, into the first group's cache."""
+    import torch.nn.functional as F
+
+    merged = caches[0]
+    for i, layer in enumerate(merged.layers):
+        for name in ("keys", "values"):
+            parts = [getattr(c.layers[i], name) for c in caches]
+            setattr(layer, name, torch.cat(
+                [F.pad(t, (0, 0, length - t.shape[-2], 0)) for t in parts], dim=0))
+    return merged
 
 
 def _last_logits(out: Any) -> torch.Tensor:

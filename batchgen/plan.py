@@ -113,7 +113,9 @@ def fingerprint_parts(spec: JobSpec, files: tuple[InputFile, ...]) -> dict[str, 
     m, g, i = spec.model, spec.generation, spec.input
     return {
         "input": _digest([(f.url, f.size, f.etag) for f in files]),
-        "model": _digest([m.path, m.revision, m.dtype, m.max_input_tokens, m.truncation]),
+        # (engine only when not the default, so fingerprints of existing jobs do not change)
+        "model": _digest([m.path, m.revision, m.dtype, m.max_input_tokens, m.truncation]
+                         + ([m.engine] if m.engine != "transformers" else [])),
         "prompt": _digest(
             [i.prompt_column, i.template, i.chat, i.system_prompt, i.id_column, list(i.columns)]
         ),

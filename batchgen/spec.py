@@ -138,6 +138,12 @@ class ModelSpec(_Section):
     path: str = Field(
         description="Hugging Face model id, or a local directory saved with save_pretrained."
     )
+    engine: Literal["transformers", "echo"] = Field(
+        default="transformers",
+        description="'echo' loads no model: every generation is the fixed text '[echo]' and "
+        "model.path is ignored. For dry runs of a job's input, storage and cluster, and for "
+        "measuring the driver.",
+    )
     revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit).")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         default="auto",
@@ -182,6 +188,11 @@ class GenerationSpec(_Section):
     )
     repetition_penalty: float = Field(
         default=1.0, gt=0.0, description="CTRL-style penalty on tokens already seen; 1 = off."
+    )
+    ignore_eos: bool = Field(
+        default=False,
+        description="Generate exactly max_new_tokens, past the model's end-of-sequence token "
+        "(stop strings still apply). For benchmarks and load tests.",
     )
     dedupe: bool = Field(
         default=False,

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batchgen import postprocess, prompts
-from batchgen.engine import Engine, PromptTooLong, Request
+from batchgen.engine import Engine, PromptTooLong, Request, load_engine
 from batchgen.errors import ShardError
 from batchgen.plan import Plan, Shard, input_options
 from batchgen.spec import JobSpec
@@ -108,7 +108,7 @@ def row_seed(job_seed: int, row_id: str, sample_index: int) -> int:
 class ShardWorker:
     def __init__(self, spec: JobSpec, engine: Engine | None = None):
         self.spec = spec
-        self.engine = engine or Engine.load(spec.model, spec.generation, spec.resources)
+        self.engine = engine or load_engine(spec.model, spec.generation, spec.resources)
         self.output = output_storage(spec)
         self.in_options = input_options(spec)
         self.columns = prompts.needed_columns(spec.input)
@@ -481,12 +481,14 @@ def estimate_prompt_tokens(spec: JobSpec, plan: Plan, sample: int = 256) -> floa
 
     if not plan.shards:
         return 0.0
-    tokenizer = load_tokenizer(spec.model)
+    tokenizer = load_tokenizer(spec.model) if spec.model.engine != "echo" else None
     first = plan.shards[0]
     table = read_rows(first.file, first.row_start, min(sample, first.row_count),
                       prompts.needed_columns(spec.input), input_options(spec), spec.input.format)
     texts = [t for t in render_prompts(spec, *_rows(table), tokenizer)[0] if t is not None]
     if not texts:
         return 0.0
+    if tokenizer is None:
+        return sum(len(t.split()) for t in texts) / len(texts)
     ids = tokenizer(texts, add_special_tokens=not spec.input.chat)["input_ids"]
     return sum(len(x) for x in ids) / len(ids)

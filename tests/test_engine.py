@@ -250,3 +250,37 @@ def test_nan_logits_in_half_precision_are_retried_alone_in_float32(tiny_model):
     got = bf16.generate(reqs)
     assert got[1].finish_reason == "error" and "NaN" in got[1].error and "float32" in got[1].error
     assert sum(c.finish_reason == "error" for c in got) == 1
+
+
+def test_ignore_eos_generates_exactly_max_new_tokens(tiny_model):
+    eng = Engine.load(ModelSpec(path=tiny_model), GenerationSpec(max_new_tokens=24, ignore_eos=True),
+                      ResourcesSpec(batch_size=4))
+    done = eng.generate(requests(eng, ["The cat sat on the mat.", "x"]))
+    assert [c.generated_tokens for c in done] == [24, 24]
+    assert all(c.finish_reason == "length" for c in done)
+
+
+def test_grouped_prefill_keeps_padding_low_and_outputs_equal(engine):
+    with_gen(engine, max_new_tokens=6)
+    reqs = requests(engine)
+    before = (engine.stats.prompt_tokens, engine.stats.padded_prompt_positions)
+    engine.batch_size = len(reqs)  # one decode batch over prompts of 1 to ~200 tokens
+    try:
+        together = [c.token_ids for c in engine.generate(reqs)]
+    finally:
+        engine.batch_size = 4
+    real = engine.stats.prompt_tokens - before[0]
+    padded = engine.stats.padded_prompt_positions - before[1]
+    assert real / padded >= 0.9  # one padded prefill would be ~0.3 here
+    assert together == [engine.generate([r])[0].token_ids for r in reqs]
+
+
+def test_echo_engine_needs_no_model():
+    from batchgen.engine import EchoEngine, load_engine
+
+    eng = load_engine(ModelSpec(path="none", engine="echo"), GenerationSpec(), ResourcesSpec())
+    assert isinstance(eng, EchoEngine)
+    out = eng.generate([Request(tuple(ids)) for ids in eng.tokenize(["a b c", "d"])])
+    assert [(c.text, c.finish_reason) for c in out] == [("[echo]", "stop")] * 2
+    with pytest.raises(ModelError, match="'echo' has no chat template"):
+        check_model(ModelSpec(path="none", engine="echo"), GenerationSpec(), InputSpec(path="x", chat=True))
