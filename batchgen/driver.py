@@ -16,6 +16,7 @@ One driver per output: ``lock.JobLock`` is held from before the plan is read unt
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import signal
@@ -123,7 +124,7 @@ def _run_locked(spec, out, lock, *, address, live, log, force, retry_failed) -> 
     out.remove("_batchgen/staging", recursive=True)
     done_ids = {name.removesuffix(".json") for name in out.list_names("_batchgen/done")}
     failed_ids = {name.removesuffix(".json") for name in out.list_names("_batchgen/failed")}
-    markers = {m["shard_id"]: m for m in _read_markers(out, sorted(done_ids))}
+    markers = _load_markers(out, done_ids)
     tasks = [_Task(s) for s in plan.shards if s.shard_id not in done_ids]
     if retry_failed:
         tasks += [_Task(s, redo_errors=markers[s.shard_id]["file"]) for s in plan.shards
@@ -164,6 +165,7 @@ def _run_locked(spec, out, lock, *, address, live, log, force, retry_failed) -> 
         ) from None
     finally:
         restore_sigterm()
+        _write_index(out, markers)  # so the next resume reads one object, not every marker
         if started_ray:
             ray.shutdown()
 
@@ -266,6 +268,35 @@ def redact(options: Any) -> Any:
     if isinstance(options, list):
         return [redact(v) for v in options]
     return options
+
+
+INDEX = "_batchgen/done-index.json.gz"
+INDEX_EVERY_S = 60.0
+
+
+def _load_markers(out: Storage, done_ids: set[str]) -> dict[str, dict[str, Any]]:
+    """The done markers of ``done_ids`` (from one listing): from the index the last driver left,
+    and only the markers it did not know are read one by one. On S3 that is one GET instead of
+    one per committed shard."""
+    index: dict[str, dict[str, Any]] = {}
+    try:
+        index = {m["shard_id"]: m for m in json.loads(gzip.decompress(out.read_bytes(INDEX)))}
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, KeyError, TypeError):
+        index = {}  # unreadable: the markers themselves are the truth
+    known = {sid: index[sid] for sid in done_ids if sid in index}
+    missing = sorted(done_ids - set(known))
+    known.update({m["shard_id"]: m for m in _read_markers(out, missing)})
+    return known
+
+
+def _write_index(out: Storage, markers: dict[str, dict[str, Any]]) -> None:
+    try:
+        blob = gzip.compress(json.dumps(list(markers.values())).encode(), compresslevel=1)
+        out.write_bytes(INDEX, blob)
+    except Exception:  # noqa: BLE001 - only an optimisation; the markers stay the truth
+        pass
 
 
 def _read_markers(out: Storage, shard_ids: list[str]) -> list[dict[str, Any]]:
@@ -381,6 +412,7 @@ class _Scheduler:
         self.attempts: dict[str, int] = {}
         self.replacements = 0
         self.last_status = 0.0
+        self.last_index, self.indexed = time.monotonic(), len(markers)
         # Named, so an operator (or a test) can find them: ray list actors / ray.get_actor.
         self.tag = f"batchgen-{uuid.uuid4().hex[:8]}"
         self.generation = 0
@@ -533,9 +565,13 @@ class _Scheduler:
         self._start(idx)
 
     def _write_status(self) -> None:
-        if time.monotonic() - self.last_status >= STATUS_EVERY_S:
-            self.last_status = time.monotonic()
+        now = time.monotonic()
+        if now - self.last_status >= STATUS_EVERY_S:
+            self.last_status = now
             self.out.write_json("status.json", self.progress.status())
+        if now - self.last_index >= INDEX_EVERY_S and len(self.markers) != self.indexed:
+            self.last_index, self.indexed = now, len(self.markers)
+            _write_index(self.out, self.markers)
 
 
 def _short(error: BaseException, limit: int = 500) -> str:
