@@ -61,6 +61,7 @@ class ReplicaActor:
         result = self.worker.run(Shard(**shard), attempt, redo_errors).to_dict()
         result["node_id"] = self.node
         result["replica"] = self.name
+        result["pid"] = os.getpid()
         return result
 
 

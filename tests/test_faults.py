@@ -156,10 +156,17 @@ NODE_LOSS = textwrap.dedent("""
     while t.is_alive() and not (done.exists() and len(list(done.iterdir())) >= 1):
         time.sleep(0.1)
     # The node whose replica committed first: it has loaded and holds its next shard.
-    busy = json.loads(next(done.iterdir()).read_text())["node_id"]
-    victim = next(w for w in workers if w.node_id == busy)
+    busy = json.loads(next(done.iterdir()).read_text())
+    victim = next(w for w in workers if w.node_id == busy["node_id"])
     lost = victim.node_id
     cluster.remove_node(victim, allow_graceful=False)
+    # A lost machine takes every process with it; the replica's worker process would otherwise
+    # run on for a while after its raylet is gone, finishing what it holds.
+    import os, signal
+    try:
+        os.kill(busy["pid"], signal.SIGKILL)
+    except ProcessLookupError:
+        pass
     result["removed_at_done"] = len(list(done.iterdir()))
     t.join(600)
     result["lost_node"] = lost
