@@ -108,6 +108,8 @@ def main() -> None:
                  seconds=round(wall_s, 1))
         emit(bench="system_overhead", run_over_engine_steady=round(results[1] / base, 2),
              note="full batchgen run (1 replica x 2 CPU, steady state) / engine alone")
+        emit(bench="system_overhead", run_over_engine_steady=round(results[2] / base, 2),
+             note="full batchgen run (2 replicas x 1 CPU, steady state) / engine alone")
         emit(bench="replica_scaling", two_over_one=round(results[2] / results[1], 2),
              note="2 replicas x 1 CPU vs 1 replica x 2 CPU, steady state, same machine")
 
