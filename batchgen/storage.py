@@ -115,10 +115,7 @@ class Storage:
         open on a local disk, a conditional PUT (``If-None-Match: *``) on S3."""
         target = self.path(rel)
         if self.is_local:
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            tmp = f"{target}.tmp-{uuid.uuid4().hex}"
-            with open(tmp, "wb") as f:
-                f.write(data)
+            tmp = _local_temp(target, data)
             try:
                 os.link(tmp, target)  # fails if target exists; the content appears whole
             except FileExistsError:
@@ -142,11 +139,7 @@ class Storage:
     def write_bytes(self, rel: str, data: bytes) -> None:
         target = self.path(rel)
         if self.is_local:
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            tmp = f"{target}.tmp-{uuid.uuid4().hex}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, target)
+            os.replace(_local_temp(target, data), target)
         else:
             self.fs.pipe_file(target, data)  # one PUT: the object appears whole or not at all
 
@@ -179,6 +172,15 @@ class Storage:
             self.fs.rm(self.path(rel), recursive=recursive)
         except FileNotFoundError:
             pass
+
+
+def _local_temp(target: str, data: bytes) -> str:
+    """``data`` written to a fresh temporary file beside ``target``; returns its path."""
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = f"{target}.tmp-{uuid.uuid4().hex}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    return tmp
 
 
 # -- Parquet input ---------------------------------------------------------------------------
