@@ -24,6 +24,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from typing import Any, Callable
@@ -358,17 +359,48 @@ def _is_loopback(address: str) -> bool:
     return host == "localhost" or host.startswith("127.")
 
 
-def _sigterm_as_interrupt() -> Callable[[], None]:
-    """SIGTERM (Ray job stop, schedulers, kill) stops the job like Ctrl-C: status `cancelled`,
-    committed shards kept. Returns a function that restores the previous handler."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
+class _Interrupts:
+    """SIGTERM and Ctrl-C become KeyboardInterrupt, except inside a commit: there the signal is
+    held until the commit (publish, marker, cleanup) is whole, so a stop never leaves a data
+    file without its done marker."""
 
-    def interrupt(signum, frame):
+    def __init__(self):
+        self.deferring = False
+        self.pending = False
+
+    def handler(self, signum, frame):
+        if self.deferring:
+            self.pending = True
+            return
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    return lambda: signal.signal(signal.SIGTERM, previous)
+    @contextmanager
+    def critical(self):
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
+
+
+_INTERRUPTS = _Interrupts()
+
+
+def _sigterm_as_interrupt() -> Callable[[], None]:
+    """SIGTERM (Ray job stop, schedulers, kill) stops the job like Ctrl-C: status `cancelled`,
+    committed shards kept. Returns a function that restores the previous handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = {sig: signal.signal(sig, _INTERRUPTS.handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore():
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    return restore
 
 
 def _placeable_replicas(spec: JobSpec, say: Callable[[str], None], fixed_size: bool) -> int:
@@ -511,6 +543,10 @@ class _Scheduler:
 
     def commit(self, task: _Task, result: dict[str, Any]) -> bool:
         """Commit ``result`` if its attempt is the shard's current one; False for a zombie."""
+        with _INTERRUPTS.critical():
+            return self._commit(task, result)
+
+    def _commit(self, task: _Task, result: dict[str, Any]) -> bool:
         shard = task.shard
         if self.current.get(shard.shard_id) != result["attempt"]:
             for staged in (result["staged"], result.get("staged_chunks")):

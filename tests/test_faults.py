@@ -553,3 +553,17 @@ def test_bad_input_fails_first_with_a_clear_message(case, tmp_path, prompts_dir,
         assert not (out_dir / left).exists(), left
     if not sections.get("different_job"):
         assert not (out_dir / "plan.json").exists()
+
+
+def test_a_stop_signal_waits_for_the_commit_in_progress():
+    from batchgen.driver import _INTERRUPTS
+
+    steps = []
+    with pytest.raises(KeyboardInterrupt):
+        with _INTERRUPTS.critical():
+            steps.append("publish")
+            _INTERRUPTS.handler(signal.SIGTERM, None)  # arrives mid-commit: held
+            steps.append("marker")
+    assert steps == ["publish", "marker"]  # the commit finished, then the stop took effect
+    with pytest.raises(KeyboardInterrupt):
+        _INTERRUPTS.handler(signal.SIGTERM, None)  # outside a commit: at once
