@@ -62,12 +62,17 @@ class JobLock:
         raise LockHeld(f"output {self.out.url}: another driver keeps taking the lock; try again")
 
     def release(self) -> None:
+        """Stop the heartbeat and remove the lock if it is still ours. A storage error here is
+        swallowed: it must not mask the job's own outcome, and the lock goes stale anyway."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        held = self._read()
-        if held is not None and held.get("holder") == self.holder:
-            self.out.remove(LOCK)
+        try:
+            held = self._read()
+            if held is not None and held.get("holder") == self.holder:
+                self.out.remove(LOCK)
+        except Exception:  # noqa: BLE001
+            pass
 
     def __enter__(self) -> JobLock:
         self.acquire()

@@ -205,7 +205,8 @@ class ShardWorker:
                  for k, i in enumerate(which) for s in range(n)}
         keys = [(k, s) for k in sorted(token_ids) for s in range(n)]
         requests = [Request(token_ids[k], seeds[(k, s)]) for k, s in keys]
-        windows = chunk_windows(spec, engine, sub_rows, [row_ids[i] for i in which], long_rows)
+        windows = chunk_windows(spec, engine, sub_rows, [row_ids[i] for i in which], long_rows,
+                                errors)
         completions = engine.generate(requests + [w.request for w in windows])
         done = dict(zip(keys, completions))
         for w, c in zip(windows, completions[len(keys):]):
@@ -219,6 +220,8 @@ class ShardWorker:
             # 4b. Reduce: one prompt per long row over its window summaries, in order.
             reduce_keys, reduce_requests = [], []
             for k in long_rows:
+                if errors[k] is not None:  # its document could not be split
+                    continue
                 parts = [w for w in windows if w.k == k]
                 n_chunks[k] = len(parts)
                 failed = [w for w in parts if w.completion.finish_reason == "error"]
@@ -430,31 +433,42 @@ class Window:
 
 
 def chunk_windows(spec: JobSpec, engine: Engine, rows: list[dict[str, Any]], row_ids: list[str],
-                  long_rows: list[int]) -> list[Window]:
+                  long_rows: list[int], errors: list[str | None]) -> list[Window]:
     """Split each long row's document into windows of ``input.chunk_tokens`` tokens (default: what
-    fits beside the template) overlapping by ``input.chunk_overlap``, as prompts."""
-    inp = spec.input
+    fits beside the template) overlapping by ``input.chunk_overlap``, as prompts. A row whose
+    document cannot be split gets its ``errors`` entry set instead."""
     windows: list[Window] = []
     for k in long_rows:
-        row = rows[k]
-        doc_ids = engine.tokenize([row[inp.chunk_column]])[0]
-        size = inp.chunk_tokens
-        if size is None:
-            empty = wrap_prompt(spec, prompts.render(inp, {**row, inp.chunk_column: " "}), engine.tokenizer)
-            overhead = len(engine.tokenize([empty], chat=inp.chat)[0])
-            size = max(16, engine.max_input_tokens - overhead - 8)
-        step = max(1, size - min(inp.chunk_overlap, size - 1))
-        starts = list(range(0, max(len(doc_ids) - inp.chunk_overlap, 1), step))
-        for j, start in enumerate(starts):
-            piece = engine.tokenizer.decode(doc_ids[start:start + size], skip_special_tokens=True)
-            text = wrap_prompt(spec, prompts.render(inp, {**row, inp.chunk_column: piece}), engine.tokenizer)
-            ids = engine.tokenize([text], chat=inp.chat)[0]
-            try:
-                ids = engine.fit(ids)
-            except PromptTooLong:  # sized to fit; re-tokenizing a decoded window may add a few
-                ids = tuple(ids[-engine.max_input_tokens:])
-            seed = row_seed(spec.generation.seed, f"{row_ids[k]}\x1fchunk", j)
-            windows.append(Window(k, row_ids[k], j, len(doc_ids[start:start + size]), Request(ids, seed)))
+        try:
+            windows += _row_windows(spec, engine, rows[k], row_ids[k], k)
+        except prompts.RowError as e:
+            errors[k] = f"chunking: {e}"
+    return windows
+
+
+def _row_windows(spec: JobSpec, engine: Engine, row: dict[str, Any], row_id: str, k: int) -> list[Window]:
+    inp = spec.input
+    doc = row.get(inp.chunk_column)
+    if not isinstance(doc, str):
+        raise prompts.RowError(f"input.chunk_column {inp.chunk_column!r} is not text")
+    doc_ids = engine.tokenize([doc])[0]
+    size = inp.chunk_tokens
+    if size is None:
+        empty = wrap_prompt(spec, prompts.render(inp, {**row, inp.chunk_column: " "}), engine.tokenizer)
+        overhead = len(engine.tokenize([empty], chat=inp.chat)[0])
+        size = max(16, engine.max_input_tokens - overhead - 8)
+    step = max(1, size - min(inp.chunk_overlap, size - 1))
+    windows: list[Window] = []
+    for j, start in enumerate(range(0, max(len(doc_ids) - inp.chunk_overlap, 1), step)):
+        piece = engine.tokenizer.decode(doc_ids[start:start + size], skip_special_tokens=True)
+        text = wrap_prompt(spec, prompts.render(inp, {**row, inp.chunk_column: piece}), engine.tokenizer)
+        ids = engine.tokenize([text], chat=inp.chat)[0]
+        try:
+            ids = engine.fit(ids)
+        except PromptTooLong:  # sized to fit; re-tokenizing a decoded window may add a few
+            ids = tuple(ids[-engine.max_input_tokens:])
+        seed = row_seed(spec.generation.seed, f"{row_id}\x1fchunk", j)
+        windows.append(Window(k, row_id, j, len(doc_ids[start:start + size]), Request(ids, seed)))
     return windows
 
 
