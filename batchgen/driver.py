@@ -35,7 +35,7 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 from batchgen.engine import check_model
 from batchgen.errors import BatchgenError, Cancelled, JobFailed, StorageError
 from batchgen.lock import JobLock
-from batchgen.plan import Plan, Shard, check_unique_ids, make_plan
+from batchgen.plan import Plan, Shard, check_unique_ids, current_fingerprint, make_plan
 from batchgen.progress import Display, JobProgress, now_iso
 from batchgen.spec import JobSpec
 from batchgen.storage import Storage
@@ -219,14 +219,14 @@ def _plan_or_resume(spec: JobSpec, out: Storage, force: bool, say) -> tuple[Plan
     """The stored plan if this output already holds this job, else a new one (not yet written).
 
     A stored plan is never re-cut: shard ids and row ranges stay as they were."""
-    fresh = make_plan(spec)
     stored = out.read_json_or_none("plan.json")
     if stored is None:
-        return fresh, True
+        return make_plan(spec), True
     old = Plan.from_json(stored)
-    if old.fingerprint == fresh.fingerprint:
+    fingerprint, parts = current_fingerprint(spec)
+    if old.fingerprint == fingerprint:
         return old, False
-    changed = [k for k, v in fresh.fingerprint_parts.items() if old.fingerprint_parts.get(k) != v]
+    changed = [k for k, v in parts.items() if old.fingerprint_parts.get(k) != v]
     if not force:
         raise StorageError(
             f"output.path {spec.output.path} holds a different job (changed: "
@@ -235,7 +235,7 @@ def _plan_or_resume(spec: JobSpec, out: Storage, force: bool, say) -> tuple[Plan
         )
     say(f"--force: resuming although {', '.join(changed)} changed; committed shards keep their "
         "outputs, the rest run with the new settings")
-    forced = Plan(fresh.fingerprint, fresh.fingerprint_parts, old.files, old.shards)
+    forced = Plan(fingerprint, parts, old.files, old.shards)
     out.write_json("job.json", {**_job_doc(spec, forced), "forced_from": old.fingerprint})
     out.write_json("plan.json", forced.to_json())
     return forced, False

@@ -108,6 +108,15 @@ def make_plan(spec: JobSpec) -> Plan:
     return Plan(_digest(parts), parts, files, shards)
 
 
+def current_fingerprint(spec: JobSpec) -> tuple[str, dict[str, str]]:
+    """The job's fingerprint as its input stands now, from one listing: what a resume compares
+    with the stored plan, without reading every file's footer again."""
+    prompts.needed_columns(spec.input)  # the template is still checked before any work
+    listed = list_input_files(spec.input.path, input_options(spec), spec.input.format)
+    parts = fingerprint_parts(spec, tuple(InputFile(u, size, etag, 0) for u, size, etag in listed))
+    return _digest(parts), parts
+
+
 def fingerprint_parts(spec: JobSpec, files: tuple[InputFile, ...]) -> dict[str, str]:
     """One digest per thing that changes outputs, so a mismatch can say which changed."""
     m, g, i = spec.model, spec.generation, spec.input

@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchgen.errors import InputError, SpecError
-from batchgen.plan import Plan, make_plan
+from batchgen.plan import Plan, current_fingerprint, make_plan
 from batchgen.spec import parse_spec
 from batchgen.storage import read_rows
 from conftest import prompt_table, spec_dict
@@ -94,3 +94,8 @@ def test_missing_column_fails_before_any_work(prompts_dir):
     raw["input"]["template"] = "About {{ topic }} and {{ mood }}"
     with pytest.raises(SpecError, match="mood"):
         make_plan(parse_spec(raw))
+
+
+def test_current_fingerprint_matches_the_plan_without_reading_files(prompts_dir):
+    spec = parse_spec(spec_dict(str(prompts_dir), "out", "m"))
+    assert current_fingerprint(spec) == (make_plan(spec).fingerprint, make_plan(spec).fingerprint_parts)
