@@ -35,10 +35,11 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 from batchgen.engine import check_model
 from batchgen.errors import BatchgenError, Cancelled, JobFailed, StorageError
 from batchgen.lock import JobLock
+from batchgen.modelcache import local_model
 from batchgen.plan import Plan, Shard, check_unique_ids, current_fingerprint, make_plan
 from batchgen.progress import Display, JobProgress, now_iso
 from batchgen.spec import JobSpec
-from batchgen.storage import Storage
+from batchgen.storage import Storage, redact
 from batchgen.worker import ShardWorker, output_storage
 
 IN_FLIGHT_PER_REPLICA = 2
@@ -117,7 +118,7 @@ def _run_locked(spec, out, lock, *, address, live, log, force, retry_failed) -> 
 
     # 1. Validate everything cheap before any replica starts.
     plan, is_new = _plan_or_resume(spec, out, force, say)
-    check_model(spec.model, spec.generation, spec.input)
+    check_model(local_model(spec, weights=False)[0], spec.generation, spec.input)
     if is_new:  # written before any generation, and only once everything checked out
         check_unique_ids(spec, plan)
         out.write_json("job.json", _job_doc(spec, plan))
@@ -258,18 +259,6 @@ def _job_doc(spec: JobSpec, plan: Plan) -> dict[str, Any]:
         "created_at": now_iso(),
     }
 
-
-_SECRET_WORDS = ("key", "secret", "token", "password", "credential", "session")
-
-
-def redact(options: Any) -> Any:
-    """Storage options with anything that looks like a credential replaced."""
-    if isinstance(options, dict):
-        return {k: "<redacted>" if any(w in k.lower() for w in _SECRET_WORDS) and
-                not isinstance(v, (dict, list)) else redact(v) for k, v in options.items()}
-    if isinstance(options, list):
-        return [redact(v) for v in options]
-    return options
 
 
 INDEX = "_batchgen/done-index.json.gz"
@@ -457,6 +446,8 @@ class _Scheduler:
             name=f"{self.tag}-replica-{self.generation}",
             num_cpus=r.cpus_per_replica,
             num_gpus=r.gpus_per_replica,
+            # One node lost takes as few replicas with it as possible.
+            scheduling_strategy="SPREAD",
         ).remote(self.payload)
         return actor, actor.ready.remote()
 

@@ -8,6 +8,7 @@ the same checks and messages.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -136,7 +137,13 @@ class InputSpec(_Section):
 
 class ModelSpec(_Section):
     path: str = Field(
-        description="Hugging Face model id, or a local directory saved with save_pretrained."
+        description="Hugging Face model id, a local directory saved with save_pretrained, or an "
+        "s3:// URL of such a directory (downloaded once per node into model.cache_dir)."
+    )
+    cache_dir: str | None = Field(
+        default=None,
+        description="Where each node keeps models downloaded from s3://. Default: "
+        "$BATCHGEN_MODEL_CACHE, else ~/.cache/batchgen/models.",
     )
     engine: Literal["transformers", "echo"] = Field(
         default="transformers",
@@ -349,12 +356,23 @@ def parse_spec(raw: Any, source: str = "<spec>") -> JobSpec:
         raise SpecError(_format_errors(e, source)) from None
 
 
+SPEC_ENV_PREFIX = "env:"
+
+
 def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise SpecError(f"{path}: cannot read job spec: {e.strerror or e}") from None
+    """Load a YAML spec file, or with ``env:NAME`` the YAML text held in environment variable
+    NAME (how ``batchgen submit`` ships a spec to a cluster inside the Ray job's runtime_env)."""
+    if str(path).startswith(SPEC_ENV_PREFIX):
+        name = str(path)[len(SPEC_ENV_PREFIX):]
+        if name not in os.environ:
+            raise SpecError(f"{path}: environment variable {name} is not set")
+        text = os.environ[name]
+    else:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise SpecError(f"{path}: cannot read job spec: {e.strerror or e}") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:

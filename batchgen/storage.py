@@ -36,6 +36,19 @@ def storage_options(url: str, endpoint_url: str | None = None, extra: dict | Non
     return options
 
 
+_SECRET_WORDS = ("key", "secret", "token", "password", "credential", "session")
+
+
+def redact(options: Any) -> Any:
+    """Storage options with anything that looks like a credential replaced."""
+    if isinstance(options, dict):
+        return {k: "<redacted>" if any(w in k.lower() for w in _SECRET_WORDS) and
+                not isinstance(v, (dict, list)) else redact(v) for k, v in options.items()}
+    if isinstance(options, list):
+        return [redact(v) for v in options]
+    return options
+
+
 def _protocol(url: str) -> str:
     return url.split("://", 1)[0] if "://" in url else "file"
 

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from batchgen import postprocess, prompts
 from batchgen.engine import Engine, PromptTooLong, Request, load_engine
+from batchgen.modelcache import local_model
 from batchgen.errors import ShardError
 from batchgen.plan import Plan, Shard, input_options
 from batchgen.spec import JobSpec
@@ -108,7 +109,10 @@ def row_seed(job_seed: int, row_id: str, sample_index: int) -> int:
 class ShardWorker:
     def __init__(self, spec: JobSpec, engine: Engine | None = None):
         self.spec = spec
-        self.engine = engine or load_engine(spec.model, spec.generation, spec.resources)
+        if engine is None:
+            model, _ = local_model(spec)
+            engine = load_engine(model, spec.generation, spec.resources)
+        self.engine = engine
         self.output = output_storage(spec)
         self.in_options = input_options(spec)
         self.columns = prompts.needed_columns(spec.input)
@@ -495,7 +499,8 @@ def estimate_prompt_tokens(spec: JobSpec, plan: Plan, sample: int = 256) -> floa
 
     if not plan.shards:
         return 0.0
-    tokenizer = load_tokenizer(spec.model) if spec.model.engine != "echo" else None
+    tokenizer = None if spec.model.engine == "echo" else load_tokenizer(
+        local_model(spec, weights=False)[0])
     first = plan.shards[0]
     table = read_rows(first.file, first.row_start, min(sample, first.row_count),
                       prompts.needed_columns(spec.input), input_options(spec), spec.input.format)
