@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import click
 
@@ -181,29 +182,183 @@ def plan(job, overrides, output, replicas, sample, as_json):
 
 
 @main.command()
-@click.argument("output")
+@click.argument("target")
 @click.option("--endpoint-url", default=None, help="S3 endpoint, as storage.endpoint_url.")
-@click.option("--json", "as_json", is_flag=True, help="Print status.json as is.")
-def status(output, endpoint_url, as_json):
-    """Show the state of the job whose output is OUTPUT (local or s3://); no cluster needed."""
+@click.option(
+    "--address",
+    default=None,
+    help="Ray Jobs API (http://HEAD:8265) when TARGET is a submitted job's id; default "
+    "RAY_ADDRESS.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status(target, endpoint_url, address, as_json):
+    """Show a job's state. TARGET is its output (local or s3://; no cluster needed) or the id
+    `batchgen submit` printed (Ray's state plus the job's own status.json)."""
     from batchgen.status import read_status
 
-    st = read_status(output, endpoint_url)
-    if as_json:
-        click.echo(json.dumps(st, indent=2))
+    if not _is_job_id(target):
+        st = read_status(target, endpoint_url)
+        click.echo(json.dumps(st, indent=2) if as_json else _format_status(st))
         return
+    from batchgen.jobs import Cluster, JobView
+
+    view = JobView.of(Cluster(address).info(target))
+    st, problem = None, None
+    if view.output:
+        try:
+            st = read_status(view.output, endpoint_url or view.endpoint_url)
+        except BatchgenError as e:
+            problem = str(e)
+        except Exception as e:  # noqa: BLE001 - storage not reachable from here, say why
+            problem = f"{view.output}: cannot read the job's status from here: {e}"
+    if as_json:
+        click.echo(json.dumps({"job_id": view.job_id, "ray": view.ray_state,
+                               "message": view.message, "output": view.output,
+                               "status": st, "status_error": problem}, indent=2))
+        return
+    click.echo(f"job:      {view.job_id}")
+    click.echo(f"ray:      {view.ray_state}" + (f" ({view.message})" if view.message else ""))
+    click.echo(f"output:   {view.output or '(not a batchgen job)'}")
+    if st is not None:
+        click.echo(_format_status(st))
+    elif problem:
+        click.echo(f"status:   unavailable: {problem}")
+
+
+def _is_job_id(target: str) -> bool:
+    """A submission id has no slashes and is not a local path."""
+    return "/" not in target and "://" not in target and not os.path.exists(target)
+
+
+def _format_status(st: dict) -> str:
     sh, rc = st["shards"], st["request_counts"]
-    click.echo(f"state:    {st['state']}")
-    click.echo(f"shards:   {sh['completed']}/{sh['total']} committed, {sh['failed']} failed")
-    click.echo(f"requests: {rc['completed']}/{rc['total']} completed, {rc['failed']} failed")
+    lines = [
+        f"state:    {st['state']}",
+        f"shards:   {sh['completed']}/{sh['total']} committed, {sh['failed']} failed",
+        f"requests: {rc['completed']}/{rc['total']} completed, {rc['failed']} failed",
+    ]
     if st.get("tokens"):
-        click.echo(
+        lines.append(
             f"tokens:   {st['tokens']['generated']} generated, {st.get('tokens_per_second', 0)} tok/s"
         )
     if st.get("eta_seconds") is not None and st["state"] == "in_progress":
-        click.echo(f"eta:      {st['eta_seconds']:.0f}s")
+        lines.append(f"eta:      {st['eta_seconds']:.0f}s")
     if st.get("error"):
-        click.echo(f"error:    {st['error']}")
+        lines.append(f"error:    {st['error']}")
+    return "\n".join(lines)
+
+
+# -- a remote cluster, through Ray's Jobs API ---------------------------------------------------
+
+_ADDRESS = click.option(
+    "--address",
+    default=None,
+    metavar="URL",
+    help="The cluster's Ray Jobs API, e.g. http://HEAD:8265; default RAY_ADDRESS. The token "
+    "comes from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token.",
+)
+
+
+@main.command()
+@click.argument("job", type=click.Path(dir_okay=False))
+@_spec_options
+@_ADDRESS
+@click.option(
+    "--working-dir",
+    type=click.Path(file_okay=False, exists=True),
+    default=None,
+    help="Local code shipped with the job (runtime_env working_dir, importable on the cluster). "
+    "Relative paths in the spec are resolved here, before submitting.",
+)
+@click.option(
+    "--env",
+    "env_names",
+    multiple=True,
+    metavar="NAME[=VALUE]",
+    help="Environment variable for the job (e.g. AWS_ACCESS_KEY_ID); without a value it is "
+    "taken from here. Repeatable.",
+)
+@click.option("--pip", multiple=True, metavar="REQ", help="Extra pip requirement on the cluster.")
+@click.option("--wait", is_flag=True, help="Follow the job's log to its end; exit 1 unless it "
+              "succeeded.")
+@_resume_options
+def submit(job, overrides, output, replicas, address, working_dir, env_names, pip, wait, force,
+           retry_failed):
+    """Submit JOB to a Ray cluster as a Ray job running `batchgen run`; prints its id.
+
+    Submitting a job again after it stopped or failed resumes it (same output, next run
+    number); while it runs, a second submission is refused."""
+    from batchgen.jobs import Cluster, env_vars, is_loopback, local_paths, with_absolute_paths
+
+    spec = with_absolute_paths(_load(job, overrides, output, replicas))
+    env = env_vars(env_names)
+    cluster = Cluster(address)
+    if not is_loopback(cluster.address):
+        for key in local_paths(spec):
+            click.secho(f"warning: {key} is a local path; on the cluster it is read on the head "
+                        "node's disk", fg="yellow", err=True)
+    run_args = (["--force"] if force else []) + (["--retry-failed"] if retry_failed else [])
+    job_id = cluster.submit(spec, working_dir=working_dir, env=env, pip=list(pip),
+                            run_args=run_args)
+    click.echo(job_id)
+    if not wait:
+        click.echo(f"follow with: batchgen logs {job_id} --follow --address {cluster.address}",
+                   err=True)
+        return
+    for chunk in cluster.follow(job_id):
+        click.echo(chunk, nl=False)
+    state = cluster.wait(job_id)
+    click.echo(f"{job_id}: {state}", err=True)
+    if state != "SUCCEEDED":
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("job_id")
+@_ADDRESS
+@click.option("-f", "--follow", is_flag=True, help="Keep printing until the job ends.")
+def logs(job_id, address, follow):
+    """Print the log of a submitted job (its `batchgen run` output)."""
+    from batchgen.jobs import Cluster
+
+    cluster = Cluster(address)
+    if follow:
+        for chunk in cluster.follow(job_id):
+            click.echo(chunk, nl=False)
+    else:
+        click.echo(cluster.logs(job_id), nl=False)
+
+
+@main.command()
+@click.argument("job_id")
+@_ADDRESS
+@click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for it to end.")
+def stop(job_id, address, timeout):
+    """Stop a submitted job. It ends `cancelled` with its committed shards kept; submit the
+    same job again to resume it."""
+    from batchgen.jobs import Cluster
+
+    state = Cluster(address).stop(job_id, timeout)
+    click.echo(f"{job_id}: {state}")
+    if state not in ("STOPPED", "SUCCEEDED", "FAILED"):
+        raise BatchgenError(f"{job_id} is still {state} after {timeout:.0f}s")
+
+
+@main.command("list")
+@_ADDRESS
+@click.option("--all", "show_all", is_flag=True, help="Also Ray jobs not submitted by batchgen.")
+def list_jobs(address, show_all):
+    """List the jobs on a cluster, oldest first."""
+    from batchgen.jobs import Cluster, JobView
+
+    views = sorted((JobView.of(j) for j in Cluster(address).list()),
+                   key=lambda v: v.start_time or 0)
+    for v in views:
+        if not (v.output or show_all):
+            continue
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v.start_time)) \
+            if v.start_time else "-"
+        click.echo(f"{v.job_id:<44} {v.ray_state:<10} {started}  {v.output or '-'}")
 
 
 @main.command()
