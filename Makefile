@@ -9,7 +9,8 @@ TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: install demo demo-synthetic demo-summarize tiny-model test bench clean
+.PHONY: install demo demo-synthetic demo-summarize tiny-model test bench clean \
+	cluster-up cluster-status cluster-down
 
 install: $(STAMP)
 
@@ -48,6 +49,20 @@ bench: tiny-model
 	cd benchmarks && ../$(BIN)/python bench_engine.py $(BENCH_ARGS)
 	cd benchmarks && ../$(BIN)/python bench_system.py $(BENCH_ARGS)
 	cd benchmarks && ../$(BIN)/python bench_driver.py $(BENCH_ARGS)
+
+# A local multi-node Ray cluster on 127.0.0.1 (head with the dashboard + WORKERS worker nodes) to
+# try `batchgen submit` on one machine; see cluster/README.md. The venv goes first on PATH so the
+# cluster's job entrypoint finds `batchgen`.
+CLUSTER_ENV = PATH="$(CURDIR)/$(BIN):$$PATH" RAY="$(CURDIR)/$(BIN)/ray" PYTHON="$(CURDIR)/$(BIN)/python"
+
+cluster-up: tiny-model
+	$(CLUSTER_ENV) cluster/local-cluster.sh up
+
+cluster-status:
+	$(CLUSTER_ENV) cluster/local-cluster.sh status
+
+cluster-down:
+	$(CLUSTER_ENV) cluster/local-cluster.sh down
 
 clean:
 	rm -rf .demo build *.egg-info

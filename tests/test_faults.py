@@ -206,13 +206,21 @@ def test_node_lost_mid_job(tiny_model, prompts_dir, tmp_path):
 
 
 def _kill_processes_under(path: str) -> None:
-    """Stop only the processes this test started: those whose command line names ``path``."""
-    pids = subprocess.run(["pgrep", "-f", path], capture_output=True, text=True).stdout.split()
-    for pid in pids:
+    """Stop only the processes this test started: those whose command line names ``path`` or
+    that carry it as RAY_TMPDIR (Ray's agents rename themselves, e.g. ray::DashboardAgent)."""
+    me = os.getpid()
+    for proc in Path("/proc").glob("[0-9]*"):
         try:
-            os.kill(int(pid), signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+            pid = int(proc.name)
+            ours = path.encode() in (proc / "cmdline").read_bytes() or \
+                f"RAY_TMPDIR={path}".encode() in (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if ours and pid != me:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     shutil.rmtree(path, ignore_errors=True)
 
 
