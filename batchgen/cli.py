@@ -196,7 +196,7 @@ def status(target, endpoint_url, address, as_json):
     `batchgen submit` printed (Ray's state plus the job's own status.json)."""
     from batchgen.status import read_status
 
-    if not _is_job_id(target):
+    if not _is_job_id(target) or not (address or os.environ.get("RAY_ADDRESS")):
         st = read_status(target, endpoint_url)
         click.echo(json.dumps(st, indent=2) if as_json else _format_status(st))
         return
@@ -226,7 +226,8 @@ def status(target, endpoint_url, address, as_json):
 
 
 def _is_job_id(target: str) -> bool:
-    """A submission id has no slashes and is not a local path."""
+    """A submission id has no slashes and is not a local path (looked up only with an address;
+    without one TARGET is an output, and a missing one says so)."""
     return "/" not in target and "://" not in target and not os.path.exists(target)
 
 
@@ -288,9 +289,11 @@ def submit(job, overrides, output, replicas, address, working_dir, env_names, pi
 
     Submitting a job again after it stopped or failed resumes it (same output, next run
     number); while it runs, a second submission is refused."""
-    from batchgen.jobs import Cluster, env_vars, is_loopback, local_paths, with_absolute_paths
+    from batchgen.jobs import (Cluster, env_vars, is_loopback, local_paths, spec_yaml,
+                               with_absolute_paths)
 
     spec = with_absolute_paths(_load(job, overrides, output, replicas))
+    spec_yaml(spec)  # refuses inline credentials before anything is sent
     env = env_vars(env_names)
     cluster = Cluster(address)
     if not is_loopback(cluster.address):

@@ -97,7 +97,7 @@ class Cluster:
                 "RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH and ~/.ray/auth_token); set RAY_AUTH_TOKEN "
                 "to the cluster's token (`ray get-auth-token` on the head node)"
             ) from None
-        except ConnectionError as e:
+        except OSError as e:  # ConnectionError, and requests' errors once connected
             raise BatchgenError(
                 f"cannot reach the Ray Jobs API at {self.address}: {_first_line(e)} (the head's "
                 "dashboard port, 8265 by default, must be reachable)"

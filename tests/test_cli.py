@@ -8,7 +8,7 @@ import yaml
 from click.testing import CliRunner
 
 from batchgen.cli import main
-from conftest import BIN, spec_dict
+from conftest import BIN, free_port, spec_dict
 
 
 def write_job(tmp_path, raw) -> str:
@@ -58,6 +58,36 @@ def test_plan_shows_shards_and_token_estimate(tmp_path, prompts_dir, tiny_model)
 def test_status_of_missing_output(tmp_path):
     r = CliRunner().invoke(main, ["status", str(tmp_path)])
     assert r.exit_code == 2 and "no batchgen job here" in r.output
+
+
+def test_status_without_an_address_reads_an_output(monkeypatch, tmp_path):
+    # A bare name is looked up as a Ray job only when a cluster address is given.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    r = CliRunner().invoke(main, ["status", "typo-out"])
+    assert r.exit_code == 2 and "typo-out: no batchgen job here" in r.output
+
+
+def test_submit_refuses_bad_specs_before_contacting_a_cluster(tmp_path, prompts_dir, tiny_model):
+    # The address has nothing listening: each error must come from the checks done before.
+    nowhere = ["--address", f"http://127.0.0.1:{free_port()}"]
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(spec_dict(str(prompts_dir), str(tmp_path / "o"), tiny_model,
+                                            generation={"top_p": 1.5})))
+    r = CliRunner().invoke(main, ["submit", str(job), *nowhere])
+    assert r.exit_code == 2 and "generation.top_p" in r.output
+
+    job.write_text(yaml.safe_dump(spec_dict(
+        "s3://b/in", "s3://b/out", tiny_model, storage={"options": {"secret": "hunter2"}})))
+    r = CliRunner().invoke(main, ["submit", str(job), *nowhere])
+    assert r.exit_code == 2 and "storage.options.secret: credentials in the spec" in r.output
+    assert "hunter2" not in r.output
+
+    job.write_text(yaml.safe_dump(spec_dict(str(prompts_dir), str(tmp_path / "o"), tiny_model)))
+    r = CliRunner().invoke(main, ["submit", str(job), *nowhere, "--env", "BG_SURELY_UNSET"])
+    assert r.exit_code == 2 and "--env BG_SURELY_UNSET: not set in this environment" in r.output
+    r = CliRunner().invoke(main, ["submit", str(job), *nowhere])
+    assert r.exit_code == 2 and "cannot reach the Ray Jobs API" in r.output
 
 
 def test_init_model_builds_a_loadable_model(tmp_path):

@@ -229,9 +229,10 @@ def test_model_from_s3_is_cached_once_per_node(cluster, bucket, s3_endpoint, tin
     assert by_id == {r["row_id"]: r["generation"] for r in read_output(fs, first_job[1])}
     # Two replicas (on two nodes of this one host, sharing the cache folder) and the driver:
     # one full copy for the replicas, one config-only copy for the driver's checks.
-    folders = sorted(p.name for p in cache.iterdir() if p.is_dir())
-    assert len(folders) == 2 and folders[1].endswith("-config"), folders
-    assert (cache / folders[0] / "model.safetensors").exists()
+    folders = sorted((p.name.endswith("-config"), p) for p in cache.iterdir() if p.is_dir())
+    assert [config for config, _ in folders] == [False, True], folders
+    assert (folders[0][1] / "model.safetensors").exists()
+    assert not (folders[1][1] / "model.safetensors").exists()
 
 
 def test_wrong_or_missing_token_fails_clearly(cluster, tmp_path, tiny_model, s3_endpoint, bucket):
