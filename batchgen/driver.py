@@ -260,7 +260,6 @@ def _job_doc(spec: JobSpec, plan: Plan) -> dict[str, Any]:
     }
 
 
-
 INDEX = "_batchgen/done-index.json.gz"
 INDEX_EVERY_S = 60.0
 

@@ -218,9 +218,9 @@ def spec_yaml(spec: JobSpec) -> str:
     """The resolved spec as YAML, as it travels to the cluster; refuses inline credentials,
     which would sit in plain text in the Ray job's runtime_env."""
     doc = spec.model_dump(mode="json")
-    if redact(doc["storage"]["options"]) != doc["storage"]["options"]:
-        keys = ", ".join(sorted(k for k, v in redact(doc["storage"]["options"]).items()
-                                if v == "<redacted>"))
+    redacted = redact(doc["storage"]["options"])
+    if redacted != doc["storage"]["options"]:
+        keys = ", ".join(sorted(k for k, v in redacted.items() if v == "<redacted>"))
         raise BatchgenError(
             f"storage.options.{keys}: credentials in the spec would travel in plain text in the "
             "Ray job; leave them out and pass them as environment variables instead "
@@ -285,7 +285,6 @@ class JobView:
     output: str
     endpoint_url: str | None
     start_time: float | None
-    end_time: float | None
 
     @classmethod
     def of(cls, info) -> JobView:
@@ -297,7 +296,6 @@ class JobView:
             output=meta.get(META_OUTPUT, ""),
             endpoint_url=meta.get(META_ENDPOINT) or None,
             start_time=info.start_time / 1000 if info.start_time else None,
-            end_time=info.end_time / 1000 if info.end_time else None,
         )
 
 

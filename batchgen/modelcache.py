@@ -95,9 +95,7 @@ def fetch(url: str, options: dict, root: Path, *, weights: bool = True) -> tuple
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 fs.get_file(posixpath.join(base, rel), str(dest))
             (tmp / COMPLETE).write_text(identity)
-            if target.exists():  # a partial folder from a crash before the rename; never used
-                shutil.rmtree(target)
-            os.replace(tmp, target)
+            os.replace(tmp, target)  # whole, with its marker, or not at all
         except Exception as e:  # noqa: BLE001
             raise ModelError(f"model.path {url}: download into {root} failed: {e}") from None
         finally:
