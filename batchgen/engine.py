@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 from batchgen.errors import ModelError
-from batchgen.spec import GenerationSpec, InputSpec, ModelSpec, ResourcesSpec
+from batchgen.modelcheck import check_model, context_length, input_budget  # noqa: F401 (re-exported)
+from batchgen.spec import GenerationSpec, ModelSpec, ResourcesSpec
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -113,59 +114,6 @@ def load_tokenizer(spec: ModelSpec):
     return tok
 
 
-def context_length(config: Any, tokenizer: Any) -> int | None:
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    value = getattr(tokenizer, "model_max_length", None)
-    return value if isinstance(value, int) and 0 < value < 10**7 else None
-
-
-def input_budget(model: ModelSpec, gen: GenerationSpec, context: int | None) -> int | None:
-    """The longest prompt allowed, checked against the model's context; raises ModelError."""
-    if context is not None and gen.max_new_tokens >= context:
-        raise ModelError(
-            f"generation.max_new_tokens={gen.max_new_tokens} leaves no room for a prompt in "
-            f"{model.path}'s context of {context} tokens"
-        )
-    if model.max_input_tokens is None:
-        return None if context is None else context - gen.max_new_tokens
-    if context is not None and model.max_input_tokens + gen.max_new_tokens > context:
-        raise ModelError(
-            f"model.max_input_tokens={model.max_input_tokens} + generation.max_new_tokens="
-            f"{gen.max_new_tokens} exceed {model.path}'s context of {context} tokens"
-        )
-    return model.max_input_tokens
-
-
-def check_model(model: ModelSpec, gen: GenerationSpec, inp: InputSpec) -> dict[str, Any]:
-    """Cheap pre-flight in the driver: config and tokenizer load, the context fits, chat works.
-
-    Loads no weights, so a bad model path or an impossible spec fails before replicas start.
-    """
-    if model.engine == "echo":
-        if inp.chat:
-            raise ModelError("model.engine 'echo' has no chat template; set input.chat: false")
-        return {"context": None, "max_input_tokens": model.max_input_tokens}
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(
-            model.path, revision=model.revision, trust_remote_code=model.trust_remote_code
-        )
-    except Exception as e:  # noqa: BLE001
-        raise ModelError(f"model.path {model.path}: cannot load the model config: {e}") from None
-    tok = load_tokenizer(model)
-    if inp.chat and not getattr(tok, "chat_template", None):
-        raise ModelError(
-            f"input.chat is true but {model.path} has no chat template; set input.chat: false "
-            "or use a chat model"
-        )
-    context = context_length(config, tok)
-    return {"context": context, "max_input_tokens": input_budget(model, gen, context)}
-
-
 def load_engine(model: ModelSpec, generation: GenerationSpec, resources: ResourcesSpec):
     if model.engine == "echo":
         return EchoEngine(generation, model.max_input_tokens)
@@ -249,7 +197,8 @@ class Engine:
         except Exception as e:  # noqa: BLE001
             raise ModelError(f"model.path {model.path}: cannot load the model: {e}") from None
         lm.to(device).eval()
-        budget = input_budget(model, generation, context_length(lm.config, tokenizer))
+        budget = input_budget(model, generation,
+                              context_length(lm.config.to_dict(), tokenizer.model_max_length))
         return cls(
             lm,
             tokenizer,
