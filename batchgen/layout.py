@@ -4,7 +4,7 @@
 job.json, plan.json, status.json, manifest.json, _SUCCESS
 data/part-<shard>.parquet          committed outputs, one per shard
 chunks/part-<shard>.parquet        window summaries of chunked long documents
-_batchgen/lock.json                the driver lock
+_batchgen/lock/<epoch>.json        the driver lock, one document per holder
 _batchgen/staging/<shard>/<attempt>[.chunks].parquet   attempts in flight
 _batchgen/done/<shard>.json        commit markers
 _batchgen/failed/<shard>.json      shards that ran out of attempts
@@ -23,7 +23,8 @@ SUCCESS = "_SUCCESS"
 DATA = "data"
 CHUNKS = "chunks"
 INTERNAL = "_batchgen"
-LOCK = f"{INTERNAL}/lock.json"
+LOCK_DIR = f"{INTERNAL}/lock"  # one document per holder: <epoch>.json
+LEGACY_LOCK = f"{INTERNAL}/lock.json"  # batchgen before lock epochs
 STAGING = f"{INTERNAL}/staging"
 DONE = f"{INTERNAL}/done"
 FAILED = f"{INTERNAL}/failed"
