@@ -90,6 +90,7 @@ def test_submit_refuses_bad_specs_before_contacting_a_cluster(tmp_path, prompts_
     assert r.exit_code == 2 and "cannot reach the Ray Jobs API" in r.output
 
 
+@pytest.mark.slow
 def test_init_model_builds_a_loadable_model(tmp_path):
     r = CliRunner().invoke(main, ["init-model", str(tmp_path / "m")])
     assert r.exit_code == 0, r.output

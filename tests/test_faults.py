@@ -288,6 +288,7 @@ def test_driver_sigkill_then_resume_and_a_second_driver_is_refused(tiny_model, t
 # -- Commit protocol ---------------------------------------------------------------------------
 
 
+@pytest.mark.s3
 def test_zombie_attempt_never_reaches_data(tiny_model, prompts_dir, s3_endpoint, s3_bucket):
     out = f"{s3_bucket}/zombie"
     spec = parse_spec(spec_dict(str(prompts_dir), out, tiny_model, input=OPEN, generation=SAMPLING,
@@ -323,6 +324,7 @@ def test_zombie_attempt_never_reaches_data(tiny_model, prompts_dir, s3_endpoint,
     assert line["duplicates"] == line["lost"] == 0
 
 
+@pytest.mark.s3
 def test_exception_while_writing_leaves_nothing_visible(tiny_model, prompts_dir, s3_endpoint,
                                                         s3_bucket, monkeypatch):
     out = f"{s3_bucket}/crash"
@@ -359,6 +361,7 @@ def test_exception_while_writing_leaves_nothing_visible(tiny_model, prompts_dir,
 
 
 @pytest.mark.ray
+@pytest.mark.s3
 def test_s3_server_down_for_seconds_mid_job(ray_local, tiny_model, prompts_dir, seaweed):
     bucket = seaweed.bucket()
     fs = fsspec.filesystem("s3", endpoint_url=seaweed.endpoint)
@@ -384,6 +387,7 @@ def test_s3_server_down_for_seconds_mid_job(ray_local, tiny_model, prompts_dir, 
 
 
 @pytest.mark.ray
+@pytest.mark.s3
 def test_shard_failing_every_attempt_then_resume(ray_local, tiny_model, prompts_dir, s3_endpoint,
                                                  s3_bucket):
     fs = fsspec.filesystem("s3", endpoint_url=s3_endpoint)

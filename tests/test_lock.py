@@ -12,7 +12,8 @@ from batchgen.lock import JobLock, LockHeld, LockLost, epoch_path
 from batchgen.storage import Storage, storage_options
 
 
-@pytest.fixture(params=["local", "moto", "seaweedfs"])
+@pytest.fixture(params=["local", pytest.param("moto", marks=pytest.mark.s3),
+                        pytest.param("seaweedfs", marks=pytest.mark.s3)])
 def out(request, tmp_path) -> Storage:
     if request.param == "local":
         return Storage(str(tmp_path / "out"))
