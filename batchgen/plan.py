@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -20,10 +21,23 @@ from fsspec.core import url_to_fs
 from batchgen import prompts
 from batchgen.errors import InputError, SpecError
 from batchgen.spec import JobSpec
-from batchgen.storage import JSONL_SUFFIXES, file_format, open_input, read_jsonl, read_rows, storage_options
+from batchgen.storage import (JSONL_SUFFIXES, Storage, file_format, open_input, read_jsonl,
+                              read_rows, storage_options)
 
 PLAN_VERSION = 1
+# 2: whole spec sections digested (minus keys that cannot change outputs), local inputs
+# identified by content, local paths resolved. Plans without the field were written with 1.
+FINGERPRINT_VERSION = 2
 _GLOB_CHARS = set("*?[")
+
+# Keys of output-changing sections that do not change any output row: where the model is cached,
+# where outputs go, how files are compressed. Everything else in input, model, generation and
+# output is digested, so a new key is covered by default.
+NOT_OUTPUT_KEYS = {
+    "input": {"path"},  # the files it names are digested one by one instead
+    "model": {"cache_dir"},
+    "output": {"path", "compression"},
+}
 
 
 @dataclass(frozen=True)
@@ -49,6 +63,7 @@ class Plan:
     fingerprint_parts: dict[str, str]
     files: tuple[InputFile, ...]
     shards: tuple[Shard, ...]
+    fingerprint_version: int = FINGERPRINT_VERSION
 
     @property
     def total_rows(self) -> int:
@@ -59,6 +74,7 @@ class Plan:
             "version": PLAN_VERSION,
             "fingerprint": self.fingerprint,
             "fingerprint_parts": self.fingerprint_parts,
+            "fingerprint_version": self.fingerprint_version,
             "files": [asdict(f) for f in self.files],
             "shards": [asdict(s) for s in self.shards],
         }
@@ -72,7 +88,15 @@ class Plan:
             fingerprint_parts=dict(data["fingerprint_parts"]),
             files=tuple(InputFile(**f) for f in data["files"]),
             shards=tuple(Shard(**s) for s in data["shards"]),
+            fingerprint_version=int(data.get("fingerprint_version", 1)),
         )
+
+
+def output_storage(spec: JobSpec) -> Storage:
+    return Storage(
+        spec.output.path,
+        storage_options(spec.output.path, spec.storage.endpoint_url, spec.storage.options),
+    )
 
 
 def input_options(spec: JobSpec) -> dict:
@@ -108,21 +132,44 @@ def make_plan(spec: JobSpec) -> Plan:
     return Plan(_digest(parts), parts, files, shards)
 
 
-def current_fingerprint(spec: JobSpec) -> tuple[str, dict[str, str]]:
-    """The job's fingerprint as its input stands now, from one listing: what a resume compares
-    with the stored plan, without reading every file's footer again."""
+def current_fingerprint(spec: JobSpec, version: int = FINGERPRINT_VERSION,
+                        as_given: JobSpec | None = None) -> tuple[str, dict[str, str]]:
+    """The job's fingerprint as its input stands now, from one listing (and, for local
+    Parquet files, one footer read each): what a resume compares with the stored plan,
+    without re-planning. ``version`` 1 reproduces what earlier batchgen versions stored, from
+    the spec as the user spelled it (``as_given``), so their jobs still resume."""
     prompts.needed_columns(spec.input)  # the template is still checked before any work
-    listed = list_input_files(spec.input.path, input_options(spec), spec.input.format)
-    parts = fingerprint_parts(spec, tuple(InputFile(u, size, etag, 0) for u, size, etag in listed))
+    if version == 1:
+        legacy = as_given or spec
+        listed = list_input_files(legacy.input.path, input_options(legacy), legacy.input.format,
+                                  by_content=False)
+        parts = _legacy_parts(legacy, tuple(InputFile(u, size, etag, 0) for u, size, etag in listed))
+    else:
+        listed = list_input_files(spec.input.path, input_options(spec), spec.input.format)
+        parts = fingerprint_parts(spec, tuple(InputFile(u, size, etag, 0) for u, size, etag in listed))
     return _digest(parts), parts
 
 
 def fingerprint_parts(spec: JobSpec, files: tuple[InputFile, ...]) -> dict[str, str]:
     """One digest per thing that changes outputs, so a mismatch can say which changed."""
+    def section(name: str) -> dict[str, Any]:
+        doc = getattr(spec, name).model_dump(mode="json")
+        return {k: v for k, v in doc.items() if k not in NOT_OUTPUT_KEYS.get(name, ())}
+
+    return {
+        "input": _digest([(f.url, f.size, f.etag) for f in files]),
+        "model": _digest(section("model")),
+        "prompt": _digest(section("input")),
+        "generation": _digest(section("generation")),
+        "output": _digest(section("output")),
+    }
+
+
+def _legacy_parts(spec: JobSpec, files: tuple[InputFile, ...]) -> dict[str, str]:
+    """Fingerprint version 1, as batchgen wrote it before version 2 (kept to resume old jobs)."""
     m, g, i = spec.model, spec.generation, spec.input
     return {
         "input": _digest([(f.url, f.size, f.etag) for f in files]),
-        # (engine only when not the default, so fingerprints of existing jobs do not change)
         "model": _digest([m.path, m.revision, m.dtype, m.max_input_tokens, m.truncation]
                          + ([m.engine] if m.engine != "transformers" else [])),
         "prompt": _digest(
@@ -132,13 +179,36 @@ def fingerprint_parts(spec: JobSpec, files: tuple[InputFile, ...]) -> dict[str, 
     }
 
 
+def resolve_local_paths(spec: JobSpec) -> JobSpec:
+    """The spec with local input, output and model paths made absolute, once, when a job
+    starts: stored that way in job.json, a job means the same from any directory (``batchgen
+    resume OUTPUT``, ``batchgen submit``), and the fingerprint sees what is read, not how its
+    path was spelled."""
+    def absolute(path: str) -> str:
+        return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+    model = spec.model
+    if model.engine != "echo" and "://" not in model.path and os.path.isdir(
+            os.path.expanduser(model.path)):
+        model = model.model_copy(update={"path": absolute(model.path)})
+    return spec.model_copy(update={
+        "input": spec.input.model_copy(update={"path": absolute(spec.input.path)}),
+        "output": spec.output.model_copy(update={"path": absolute(spec.output.path)}),
+        "model": model,
+    })
+
+
 def _digest(value: Any) -> str:
     blob = json.dumps(value, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def list_input_files(path: str, options: dict, fmt: str = "auto") -> list[tuple[str, int, str]]:
-    """``(url, size, etag)`` of every input file the input path names, sorted by URL.
+def list_input_files(path: str, options: dict, fmt: str = "auto", *,
+                     by_content: bool = True) -> list[tuple[str, int, str]]:
+    """``(url, size, identity)`` of every input file the input path names, sorted by URL. The
+    identity is the ETag on object stores; a local file's modification time says nothing about
+    its content (a fresh checkout, a ``cp``, a ``touch``), so local files are identified by
+    content: a digest of the Parquet footer, or of the whole file for JSON Lines.
 
     Directories are searched recursively; files and folders whose names start with ``_`` or
     ``.`` are skipped (the Hive/Spark convention), so the output folder of an earlier batchgen
@@ -147,7 +217,7 @@ def list_input_files(path: str, options: dict, fmt: str = "auto") -> list[tuple[
     try:
         fs, root = url_to_fs(path, **options)
         if set(root) & _GLOB_CHARS:
-            infos = [i for i in fs.glob(root, detail=True).values() if i["type"] == "file"]
+            infos = [i for i in fs.glob(root, detail=True).values() if i["type"] != "directory"]
             if not infos:
                 raise InputError(f"input.path {path}: the glob matches no files")
         elif fs.isdir(root):
@@ -170,12 +240,42 @@ def list_input_files(path: str, options: dict, fmt: str = "auto") -> list[tuple[
         raise
     except (OSError, ValueError) as e:
         raise InputError(f"input.path {path}: cannot list it: {e}") from None
+    odd = [i["name"] for i in infos if i.get("type") not in ("file", None)]
+    if odd:  # a FIFO or device would block the footer read forever
+        raise InputError(f"input.path {path}: {odd[0]} is not a regular file; remove it or "
+                         "name the input files with a glob")
+    local = not ("://" in path and not path.startswith("file://"))
     result = []
     for info in infos:
         url = fs.unstrip_protocol(info["name"]) if "://" in path else info["name"]
-        etag = str(info.get("ETag") or info.get("etag") or info.get("mtime") or "")
+        if local and by_content:
+            etag = _content_identity(info["name"], int(info.get("size") or 0), file_format(url, fmt))
+        else:
+            etag = str(info.get("ETag") or info.get("etag") or info.get("mtime") or "")
         result.append((url, int(info.get("size") or 0), etag.strip('"')))
     return sorted(result)
+
+
+def _content_identity(path: str, size: int, fmt: str) -> str:
+    """A digest of what a local file holds: the Parquet footer (schema, row groups, their
+    offsets and statistics; read with one seek) or a whole JSON Lines file."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            if fmt == "parquet" and size >= 12:
+                f.seek(size - 8)
+                tail = f.read(8)
+                footer_len = int.from_bytes(tail[:4], "little")
+                if tail[4:] == b"PAR1" and footer_len + 8 <= size:
+                    f.seek(size - 8 - footer_len)
+                    digest.update(f.read(footer_len))
+                    return f"footer:{digest.hexdigest()[:32]}"
+                f.seek(0)
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read it: {e.strerror or e}") from None
+    return f"sha256:{digest.hexdigest()[:32]}"
 
 
 def _hidden(rel: str) -> bool:

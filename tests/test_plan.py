@@ -96,6 +96,99 @@ def test_missing_column_fails_before_any_work(prompts_dir):
         make_plan(parse_spec(raw))
 
 
-def test_current_fingerprint_matches_the_plan_without_reading_files(prompts_dir):
+def test_current_fingerprint_matches_the_plan_without_replanning(prompts_dir):
     spec = parse_spec(spec_dict(str(prompts_dir), "out", "m"))
     assert current_fingerprint(spec) == (make_plan(spec).fingerprint, make_plan(spec).fingerprint_parts)
+
+
+# -- what the fingerprint covers, and what it does not -------------------------------------------
+
+
+def _parts_changed(base_raw: dict, **sections) -> list[str]:
+    changed_raw = json.loads(json.dumps(base_raw))
+    for name, values in sections.items():
+        changed_raw.setdefault(name, {}).update(values)
+    a = make_plan(parse_spec(base_raw)).fingerprint_parts
+    b = make_plan(parse_spec(changed_raw)).fingerprint_parts
+    return sorted(k for k in a if a[k] != b[k])
+
+
+@pytest.mark.parametrize("sections, part", [
+    ({"input": {"examples": [{"user": "Q?", "assistant": "A."}]}}, "prompt"),
+    ({"input": {"format": "parquet"}}, "prompt"),
+    ({"input": {"prompt_column": None, "template": "{{ prompt }}", "long_documents": "chunk",
+                "chunk_column": "prompt", "reduce_template": "{{ summaries | join(' ') }}"}},
+     "prompt"),
+    ({"output": {"parse": "json"}}, "output"),
+    ({"output": {"parse": "json", "json_schema": {"type": "object"}}}, "output"),
+    ({"model": {"trust_remote_code": True}}, "model"),
+    ({"generation": {"dedupe": True}}, "generation"),
+])
+def test_every_setting_that_changes_outputs_changes_the_fingerprint(prompts_dir, sections, part):
+    base = spec_dict(str(prompts_dir), "/unused", "m")
+    assert _parts_changed(base, **sections) == [part]
+
+
+def test_settings_that_do_not_change_outputs_keep_the_fingerprint(prompts_dir):
+    base = spec_dict(str(prompts_dir), "/unused", "m")
+    assert _parts_changed(base, resources={"replicas": 7, "batch_size": 3, "shard_rows": 5},
+                          output={"path": "/elsewhere", "compression": "gzip"},
+                          model={"cache_dir": "/cache"}) == []
+
+
+def test_local_inputs_are_identified_by_content_not_by_modification_time(prompts_dir, tmp_path):
+    import os
+    import shutil
+
+    spec = spec_for(prompts_dir)
+    before = make_plan(spec).fingerprint
+    for f in prompts_dir.iterdir():
+        os.utime(f, (1, 1))  # a touch, a fresh checkout
+    copy = tmp_path / "copy"
+    shutil.copytree(prompts_dir, copy)  # a plain cp gives new times too
+    shutil.rmtree(prompts_dir)
+    copy.rename(prompts_dir)
+    assert current_fingerprint(spec)[0] == before
+
+
+def test_a_changed_local_file_changes_the_fingerprint(prompts_dir):
+    spec = spec_for(prompts_dir)
+    before = make_plan(spec).fingerprint_parts["input"]
+    pq.write_table(prompt_table(23, start=1000), prompts_dir / "part-0.parquet", row_group_size=10)
+    assert current_fingerprint(spec)[1]["input"] != before
+
+
+def test_model_path_spelling_does_not_change_the_fingerprint(prompts_dir, tmp_path, monkeypatch):
+    from batchgen.plan import resolve_local_paths
+
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    relative = parse_spec(spec_dict(str(prompts_dir), "out", "models/tiny"))
+    absolute = parse_spec(spec_dict(str(prompts_dir), str(tmp_path / "out"),
+                                    str(tmp_path / "models" / "tiny")))
+    a, b = resolve_local_paths(relative), resolve_local_paths(absolute)
+    assert a.model.path == b.model.path == str(tmp_path / "models" / "tiny")
+    assert a.output.path == str(tmp_path / "out")
+    assert make_plan(a).fingerprint == make_plan(b).fingerprint
+
+
+def test_plans_of_earlier_versions_still_match(prompts_dir):
+    from batchgen.plan import _legacy_parts, _digest
+
+    spec = spec_for(prompts_dir)
+    plan = make_plan(spec)
+    old = plan.to_json()
+    del old["fingerprint_version"]  # written by batchgen before fingerprint version 2
+    old["fingerprint_parts"] = current_fingerprint(spec, version=1)[1]
+    old["fingerprint"] = _digest(old["fingerprint_parts"])
+    stored = Plan.from_json(old)
+    assert stored.fingerprint_version == 1
+    assert current_fingerprint(spec, version=stored.fingerprint_version)[0] == stored.fingerprint
+
+
+def test_a_fifo_in_the_input_directory_is_refused_not_waited_on(prompts_dir):
+    import os
+
+    os.mkfifo(prompts_dir / "pipe.parquet")
+    with pytest.raises(InputError, match="pipe.parquet is not a regular file"):
+        make_plan(spec_for(prompts_dir))
