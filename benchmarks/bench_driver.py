@@ -86,7 +86,7 @@ def throughput(tmp: Path, shards: int) -> None:
 def prepare_resume(raw: dict, done_fraction: float, put) -> int:
     """Plan the job and write done markers for all but the last 1% of shards, as a long run
     that died near its end would have left them."""
-    from batchgen.driver import _job_doc
+    from batchgen.prepare import _job_doc
     from batchgen.plan import make_plan
     from batchgen.spec import parse_spec
 

@@ -9,7 +9,7 @@ import pytest
 import s3fs
 
 from batchgen.driver import run_job
-from batchgen.errors import ModelError, StorageError
+from batchgen.errors import BatchgenError, ModelError, StorageError
 from batchgen.spec import parse_spec
 from conftest import spec_dict
 
@@ -116,3 +116,36 @@ def test_unloadable_model_fails_before_any_work(ray_local, prompts_dir, tmp_path
     with pytest.raises(ModelError, match=f"model.path {broken}: cannot load the model config"):
         run_job(spec, live=False, log=quiet)
     assert not (out / "plan.json").exists() and not (out / "data").exists()
+
+
+def _status(out: Path) -> dict:
+    return json.loads((out / "status.json").read_text())
+
+
+def test_a_replica_that_cannot_load_ends_the_job_failed(ray_local, prompts_dir, tiny_model,
+                                                        tmp_path):
+    """Config and tokenizer pass the driver's check, the weights do not load in the replica:
+    the job ends `failed` with the reason, not `in_progress` for good."""
+    import shutil
+
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_model, broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    out = tmp_path / "out"
+    spec = parse_spec(spec_dict(str(prompts_dir), str(out), str(broken)))
+    with pytest.raises(BatchgenError, match="model replicas cannot start"):
+        run_job(spec, live=False, log=quiet)
+    status = _status(out)
+    assert status["state"] == "failed" and "model replicas cannot start" in status["error"]
+    assert status["finished_at"]
+
+
+def test_gpus_on_a_machine_without_them_end_the_job_failed(ray_local, prompts_dir, tiny_model,
+                                                           tmp_path):
+    out = tmp_path / "out"
+    spec = parse_spec(spec_dict(str(prompts_dir), str(out), tiny_model,
+                                resources={"gpus_per_replica": 1}))
+    with pytest.raises(BatchgenError, match="a replica needs 1.0 CPU and 1.0 GPU"):
+        run_job(spec, live=False, log=quiet)
+    status = _status(out)
+    assert status["state"] == "failed" and "GPU" in status["error"]

@@ -25,13 +25,14 @@ import pytest
 from click.testing import CliRunner
 
 from batchgen.cli import main
-from batchgen.driver import _Scheduler, _Task, run_job
+from batchgen.commit import Committer, Task
+from batchgen.driver import run_job
 from batchgen.errors import JobFailed
 from batchgen.plan import Plan, make_plan
-from batchgen.progress import JobProgress
 from batchgen.spec import parse_spec
 from batchgen.storage import Storage, storage_options
-from batchgen.worker import ShardWorker, output_storage
+from batchgen.plan import output_storage
+from batchgen.worker import ShardWorker
 from conftest import BIN, REPO, spec_dict, tally, wait_until
 
 pytestmark = [pytest.mark.slow]
@@ -48,6 +49,10 @@ def quiet(_line):
 
 def expected(ids=IDS, n=2) -> set[tuple]:
     return {(i, s) for i in ids for s in range(n)}
+
+
+def newest_lock(out: Path) -> dict:
+    return json.loads(sorted((out / "_batchgen" / "lock").iterdir())[-1].read_text())
 
 
 def output_rows(out: str, options: dict | None = None) -> list[dict]:
@@ -260,7 +265,7 @@ def test_driver_sigkill_then_resume_and_a_second_driver_is_refused(tiny_model, t
         committed = {p.name: p.read_bytes() for p in sorted((out / "data").iterdir())}
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=30)
-        assert (out / "_batchgen" / "lock.json").exists()  # a killed driver cannot clean up
+        assert "released_at" not in newest_lock(out)  # a killed driver cannot clean up
     finally:
         if driver.poll() is None:
             driver.kill()
@@ -281,7 +286,7 @@ def test_driver_sigkill_then_resume_and_a_second_driver_is_refused(tiny_model, t
     assert line["duplicates"] == line["lost"] == line["unexpected"] == 0
     for name, blob in committed.items():  # shards committed before the kill are untouched
         assert (out / "data" / name).read_bytes() == blob, name
-    assert not (out / "_batchgen" / "lock.json").exists()
+    assert newest_lock(out)["released_at"]
     assert (out / "_SUCCESS").exists()
 
 
@@ -296,25 +301,22 @@ def test_zombie_attempt_never_reaches_data(tiny_model, prompts_dir, s3_endpoint,
     store = output_storage(spec)
     shard = make_plan(spec).shards[0]
     worker = ShardWorker(spec)
-    sched = _Scheduler(spec, store, JobProgress(name=None, output=out, total_shards=1,
-                                                total_rows=16, n=2),
-                       display=None, say=quiet, markers={}, failed_ids=set(), lock=None)
-    task = _Task(shard)
+    committer = Committer(store, lock=None, markers={}, failed_ids=set())
+    task = Task(shard)
 
     # The driver gave up on attempt "old" (say its node went silent) and started "new".
-    sched.current[shard.shard_id], sched.attempts[shard.shard_id] = "new", 2
     late = worker.run(shard, "old").to_dict()
     assert store.exists(late["staged"])
-    assert sched.commit(task, late) is False
+    assert committer.commit(task, late, current="new", attempts=2) is None
     assert not store.exists(late["staged"]) and not store.exists("data")
 
     fresh = worker.run(shard, "new").to_dict()
-    assert sched.commit(task, fresh) is True
+    assert committer.commit(task, fresh, current="new", attempts=2) is not None
     final = store.read_bytes(f"data/part-{shard.shard_id}.parquet")
 
     # Another zombie, after the commit: discarded, the committed file is untouched.
-    sched.current[shard.shard_id] = "newer"
-    assert sched.commit(task, worker.run(shard, "stale").to_dict()) is False
+    assert committer.commit(task, worker.run(shard, "stale").to_dict(), current="newer",
+                            attempts=3) is None
     assert store.read_bytes(f"data/part-{shard.shard_id}.parquet") == final
     assert store.list_names("data") == [f"part-{shard.shard_id}.parquet"]
     assert store.list_names("_batchgen/staging") == []
@@ -560,22 +562,39 @@ def test_bad_input_fails_first_with_a_clear_message(case, tmp_path, prompts_dir,
     assert r.output.startswith("error: ") and message in r.output, r.output
     assert len(r.output.strip().splitlines()) == 1  # one line, no traceback
     out_dir = Path(raw["output"]["path"])
-    for left in ("data", "job.json", "_SUCCESS", "manifest.json", "_batchgen/lock.json",
-                 "_batchgen/staging"):
+    for left in ("data", "job.json", "_SUCCESS", "manifest.json", "_batchgen/staging"):
         assert not (out_dir / left).exists(), left
+    lock_dir = out_dir / "_batchgen" / "lock"
+    assert not lock_dir.exists() or all(json.loads(p.read_text()).get("released_at")
+                                        for p in lock_dir.iterdir())
     if not sections.get("different_job"):
         assert not (out_dir / "plan.json").exists()
 
 
 def test_a_stop_signal_waits_for_the_commit_in_progress():
-    from batchgen.driver import _INTERRUPTS
+    from batchgen.interrupts import Interrupts
 
+    interrupts = Interrupts()
     steps = []
     with pytest.raises(KeyboardInterrupt):
-        with _INTERRUPTS.critical():
+        with interrupts.critical():
             steps.append("publish")
-            _INTERRUPTS.handler(signal.SIGTERM, None)  # arrives mid-commit: held
+            interrupts.handler(signal.SIGTERM, None)  # arrives mid-commit: held
             steps.append("marker")
     assert steps == ["publish", "marker"]  # the commit finished, then the stop took effect
     with pytest.raises(KeyboardInterrupt):
-        _INTERRUPTS.handler(signal.SIGTERM, None)  # outside a commit: at once
+        interrupts.handler(signal.SIGTERM, None)  # outside a commit: at once
+
+
+def test_a_stop_held_by_a_failed_commit_does_not_cancel_the_next_one():
+    """A signal held during a commit that then raised must not linger and cancel a later
+    commit (or the next job run in the same process)."""
+    from batchgen.interrupts import Interrupts
+
+    interrupts = Interrupts()
+    with pytest.raises(OSError):
+        with interrupts.critical():
+            interrupts.handler(signal.SIGTERM, None)
+            raise OSError("storage went away mid-commit")
+    with interrupts.critical():  # the next commit completes
+        pass

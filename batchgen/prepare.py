@@ -1,0 +1,129 @@
+"""Preparing a run, before any Ray: the plan (new, or the stored one if the job still matches
+it), the pre-flight model check, job.json and plan.json, what is already committed, and the
+shards left to run. No Ray, no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any, Callable
+
+from batchgen import layout
+from batchgen.commit import Committer, Task, load_markers
+from batchgen.errors import BatchgenError, StorageError
+from batchgen.lock import JobLock
+from batchgen.modelcache import local_model
+from batchgen.modelcheck import check_model
+from batchgen.plan import Plan, check_unique_ids, current_fingerprint, make_plan
+from batchgen.progress import JobProgress, now_iso
+from batchgen.spec import JobSpec
+from batchgen.storage import Storage, redact
+
+Say = Callable[[str], None]
+
+
+@dataclass
+class Job:
+    """Everything prepare found out, for execute and finalize."""
+
+    spec: JobSpec
+    out: Storage
+    plan: Plan
+    progress: JobProgress
+    committer: Committer
+    tasks: list[Task]
+    retry_failed: bool
+
+
+def prepare(spec: JobSpec, as_given: JobSpec, out: Storage, lock: JobLock, *, force: bool,
+            retry_failed: bool, say: Say) -> Job:
+    """The job as it stands: checked, recorded, and what is left to run. Everything cheap is
+    checked before any replica starts, and before anything is written."""
+    plan, is_new = _plan_or_resume(spec, as_given, out, force, say)
+    check_model(local_model(spec, weights=False)[0], spec.generation, spec.input)
+    if is_new:  # written before any generation, and only once everything checked out
+        check_unique_ids(spec, plan)
+        out.write_json(layout.JOB, _job_doc(spec, plan))
+        out.write_json(layout.PLAN, plan.to_json())
+    done_ids = {layout.shard_id_of(n) for n in out.list_names(layout.DONE)}
+    failed_ids = {layout.shard_id_of(n) for n in out.list_names(layout.FAILED)}
+    markers = load_markers(out, done_ids)
+    committer = Committer(out, lock, markers, failed_ids)
+    committer.clear_staging()
+    tasks = [Task(s) for s in plan.shards if s.shard_id not in done_ids]
+    if retry_failed:
+        tasks += [Task(s, redo_errors=markers[s.shard_id]["file"]) for s in plan.shards
+                  if s.shard_id in markers and markers[s.shard_id]["errors"] > 0]
+    if tasks:
+        committer.forget_completion(markers_change=retry_failed)
+    progress = JobProgress(name=spec.name, output=spec.output.path,
+                           total_shards=len(plan.shards), total_rows=plan.total_rows,
+                           n=spec.generation.n)
+    progress.resume_from(list(markers.values()))
+    if done_ids:
+        say(f"resuming: {len(done_ids)} of {len(plan.shards)} shards already committed")
+    if retry_failed:
+        say(f"retrying the error rows of {sum(1 for t in tasks if t.redo_errors)} committed shard(s)")
+    return Job(spec, out, plan, progress, committer, tasks, retry_failed)
+
+
+def resume_command(spec: JobSpec, *, retry_failed: bool = False) -> str:
+    endpoint = f" --endpoint-url {spec.storage.endpoint_url}" if spec.storage.endpoint_url else ""
+    retry = " --retry-failed" if retry_failed else ""
+    return f"batchgen resume {spec.output.path}{endpoint}{retry}"
+
+
+def _plan_or_resume(spec: JobSpec, as_given: JobSpec, out: Storage, force: bool,
+                    say: Say) -> tuple[Plan, bool]:
+    """The stored plan if this output already holds this job, else a new one (not yet written).
+
+    A stored plan is never re-cut: shard ids and row ranges stay as they were."""
+    stored = out.read_json_or_none(layout.PLAN)
+    if stored is None:
+        return make_plan(spec), True
+    try:
+        old = Plan.from_json(stored)
+    except BatchgenError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise StorageError(f"{out.url_of(layout.PLAN)}: not a batchgen plan ({type(e).__name__}: "
+                           f"{e}); use a new output.path or remove the old output") from None
+    fingerprint, parts = current_fingerprint(spec, old.fingerprint_version, as_given)
+    if old.fingerprint == fingerprint:
+        return old, False
+    changed = [k for k, v in parts.items() if old.fingerprint_parts.get(k) != v]
+    if not force:
+        raise StorageError(
+            f"output.path {spec.output.path} holds a different job (changed: "
+            f"{', '.join(changed)}); use a new output.path, remove the old output, or resume "
+            "anyway with --force (committed shards keep their outputs)"
+        )
+    say(f"--force: resuming although {', '.join(changed)} changed; committed shards keep their "
+        "outputs, the rest run with the new settings")
+    fingerprint, parts = current_fingerprint(spec)
+    forced = Plan(fingerprint, parts, old.files, old.shards)
+    out.write_json(layout.JOB, {**_job_doc(spec, forced), "forced_from": old.fingerprint})
+    out.write_json(layout.PLAN, forced.to_json())
+    return forced, False
+
+
+def _job_doc(spec: JobSpec, plan: Plan) -> dict[str, Any]:
+    versions = {}
+    for pkg in ("batchgen", "ray", "torch", "transformers", "pyarrow"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    doc = spec.model_dump(mode="json")
+    doc["storage"]["options"] = redact(doc["storage"]["options"])
+    return {
+        "spec": doc,
+        "fingerprint": plan.fingerprint,
+        "fingerprint_parts": plan.fingerprint_parts,
+        "fingerprint_version": plan.fingerprint_version,
+        "versions": versions,
+        "created_at": now_iso(),
+    }
+
+
