@@ -3,7 +3,7 @@
 Every key has a default where one makes sense and unknown keys are an error. Errors name the file
 and the dotted key: ``job.yaml: generation.top_p: Input should be less than or equal to 1, got 1.5``.
 ``--set section.key=value`` overrides are applied to the raw YAML before validation, so they get
-the same checks and messages.
+the same checks and messages. The YAML loader refuses duplicate keys and alias bombs.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 from batchgen.errors import SpecError
 
@@ -27,6 +28,19 @@ OUTPUT_COLUMNS = (
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _checked_path(path: str) -> str:
+    # An empty output.path used to become "/" (a whole job written into the filesystem root),
+    # and an empty input.path meant "every file under the current directory".
+    if not path.strip():
+        raise ValueError("must not be empty (is a shell variable unset?)")
+    scheme, sep, rest = path.partition("://")
+    if sep and not rest.strip("/"):
+        raise ValueError(f"names no {'bucket' if scheme in ('s3', 's3a') else 'directory'}")
+    if not path.strip("/"):
+        raise ValueError("must not be the filesystem root")
+    return path
 
 
 class Example(_Section):
@@ -97,6 +111,8 @@ class InputSpec(_Section):
         description="Jinja2 template that combines the window summaries of one row, given as the "
         "list `summaries` besides the row's columns, e.g. 'Combine: {{ summaries | join(" ") }}'.",
     )
+
+    _path_is_usable = field_validator("path")(_checked_path)
 
     @model_validator(mode="after")
     def _chunking(self) -> InputSpec:
@@ -239,6 +255,8 @@ class OutputSpec(_Section):
         "violation is a parse_error.",
     )
 
+    _path_is_usable = field_validator("path")(_checked_path)
+
     @model_validator(mode="after")
     def _schema_is_valid(self) -> OutputSpec:
         if self.json_schema is not None:
@@ -294,8 +312,25 @@ class StorageSpec(_Section):
         "from the environment (AWS_ACCESS_KEY_ID, ...), never from the spec.",
     )
     options: dict[str, Any] = Field(
-        default_factory=dict, description="Extra fsspec/s3fs options, e.g. {anon: true}."
+        default_factory=dict,
+        description="Extra fsspec/s3fs options, e.g. {anon: true}. Credentials are refused here.",
     )
+
+    @field_validator("options")
+    @classmethod
+    def _no_credentials(cls, options: dict[str, Any]) -> dict[str, Any]:
+        # One rule for run, submit and resume: job.json and a submitted job's runtime_env would
+        # hold them in plain text. The rule is storage.redact's, which job.json is written with.
+        from batchgen.storage import secret_keys
+
+        keys = secret_keys(options, "storage.options")
+        if keys:
+            raise ValueError(
+                f"credentials do not belong in the spec ({', '.join(keys)}); take them from the "
+                "environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN), a "
+                "profile (AWS_PROFILE) or the nodes' own role; `submit --env NAME` hands one to a job"
+            )
+        return options
 
 
 class JobSpec(_Section):
@@ -326,6 +361,73 @@ class JobSpec(_Section):
 # -- loading ---------------------------------------------------------------------------------
 
 
+# A job spec is a few hundred YAML nodes. An alias bomb ("billion laughs": nested anchors, each
+# alias repeating the one before) is a few hundred bytes that expand to billions of nodes once
+# copied or validated; it is refused while still a small graph of shared nodes.
+MAX_YAML_NODES = 100_000
+
+
+class _Refused(Exception):
+    """YAML that parses but is refused; the message lacks only where it came from."""
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses duplicate keys (the second ``input:`` silently replaced the
+    first) and documents larger than MAX_YAML_NODES with their aliases expanded."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _check_expanded_size(node)
+        return super().construct_document(node)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:  # unhashable; SafeLoader says so below
+                continue
+            if duplicate:
+                raise _Refused(f"line {key_node.start_mark.line + 1}: duplicate key {key!r}")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _check_expanded_size(root: yaml.Node) -> None:
+    """Count the nodes the document has with aliases expanded, without expanding them: a
+    depth-first walk that sizes each distinct node once (an alias is the same node object)."""
+    sizes: dict[int, int] = {}
+    started: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        children = [c for pair in node.value for c in pair] if isinstance(
+            node, yaml.MappingNode) else node.value if isinstance(node, yaml.SequenceNode) else []
+        if finished:
+            sizes[id(node)] = 1 + sum(sizes[id(c)] for c in children)
+            if sizes[id(node)] > MAX_YAML_NODES:
+                raise _Refused(
+                    f"more than {MAX_YAML_NODES} YAML nodes once aliases are expanded (an alias "
+                    "bomb?); write the spec out without nested &anchors/*aliases"
+                )
+        elif id(node) not in sizes:
+            if id(node) in started:
+                raise _Refused(f"line {node.start_mark.line + 1}: an alias refers to a node "
+                               "that contains it")
+            started.add(id(node))
+            stack.append((node, True))
+            stack.extend((c, False) for c in children)
+
+
+def _load_yaml(text: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise _Refused("nested too deeply") from None
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """Apply ``section.key=value`` strings; values are parsed as YAML scalars/lists."""
     result = _deep_copy(raw)
@@ -341,15 +443,24 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
                 raise SpecError(f"--set {item!r}: {part} is not a section")
             node = child
         try:
-            node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+            node[parts[-1]] = _load_yaml(value) if value != "" else ""
         except yaml.YAMLError as e:
-            raise SpecError(f"--set {item!r}: value is not valid YAML: {e}") from None
+            raise SpecError(f"--set {item!r}: value is not valid YAML: {_yaml_error(e)}") from None
+        except _Refused as e:
+            raise SpecError(f"--set {item!r}: {e}") from None
     return result
 
 
-def parse_spec(raw: Any, source: str = "<spec>") -> JobSpec:
+def _expect_mapping(raw: Any, source: str) -> None:
     if not isinstance(raw, dict):
-        raise SpecError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+        kind = {"str": "string", "int": "number", "float": "number"}.get(
+            type(raw).__name__, type(raw).__name__)
+        raise SpecError(f"{source}: expected a mapping of sections (input:, model:, output:, "
+                        f"...), got a YAML {kind}")
+
+
+def parse_spec(raw: Any, source: str = "<spec>") -> JobSpec:
+    _expect_mapping(raw, source)
     try:
         return JobSpec.model_validate(raw)
     except ValidationError as e:
@@ -370,14 +481,32 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     else:
         path = Path(path)
         try:
-            text = path.read_text()
+            text = path.read_bytes().decode("utf-8")
         except OSError as e:
             raise SpecError(f"{path}: cannot read job spec: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            line = e.object[:e.start].count(b"\n") + 1
+            raise SpecError(f"{path}: line {line}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); "
+                            "save the file as UTF-8") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = _load_yaml(text)
     except yaml.YAMLError as e:
-        raise SpecError(f"{path}: not valid YAML: {e}") from None
-    return parse_spec(apply_overrides(raw or {}, overrides), str(path))
+        raise SpecError(f"{path}: not valid YAML: {_yaml_error(e)}") from None
+    except _Refused as e:
+        raise SpecError(f"{path}: {e}") from None
+    raw = {} if raw is None else raw
+    _expect_mapping(raw, str(path))  # before --set, which needs sections to set keys in
+    return parse_spec(apply_overrides(raw, overrides), str(path))
+
+
+def _yaml_error(e: yaml.YAMLError) -> str:
+    """PyYAML's several-line message as one line: where, then what."""
+    mark = getattr(e, "problem_mark", None)
+    if mark is None:
+        return " ".join(str(e).split())
+    where = f"line {mark.line + 1}, column {mark.column + 1}: "
+    context = f" ({e.context})" if getattr(e, "context", None) else ""
+    return f"{where}{e.problem}{context}"
 
 
 def _format_errors(error: ValidationError, source: str) -> str:
@@ -392,7 +521,8 @@ def _format_errors(error: ValidationError, source: str) -> str:
         else:
             msg = err["msg"].removeprefix("Value error, ")
             if "input" in err and not isinstance(err["input"], dict):
-                msg += f", got {err['input']!r}"
+                got = repr(err["input"])
+                msg += f", got {got if len(got) <= 80 else got[:77] + '...'}"
         lines.append(f"{source}: {key}: {msg}")
     return "\n".join(lines)
 

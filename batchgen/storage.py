@@ -37,16 +37,36 @@ def storage_options(url: str, endpoint_url: str | None = None, extra: dict | Non
 
 
 _SECRET_WORDS = ("key", "secret", "token", "password", "credential", "session")
+# Names with a secret word that name no secret: the KMS key id of server-side encryption.
+_NOT_SECRETS = ("ssekmskeyid", "sse_kms_key_id")
+REDACTED = "<redacted>"
+
+
+def _is_secret(key: Any, value: Any) -> bool:
+    name = str(key).lower()
+    return (any(w in name for w in _SECRET_WORDS) and name not in _NOT_SECRETS
+            and not isinstance(value, (dict, list)))
 
 
 def redact(options: Any) -> Any:
     """Storage options with anything that looks like a credential replaced."""
     if isinstance(options, dict):
-        return {k: "<redacted>" if any(w in k.lower() for w in _SECRET_WORDS) and
-                not isinstance(v, (dict, list)) else redact(v) for k, v in options.items()}
+        return {k: REDACTED if _is_secret(k, v) else redact(v) for k, v in options.items()}
     if isinstance(options, list):
         return [redact(v) for v in options]
     return options
+
+
+def secret_keys(options: Any, prefix: str) -> list[str]:
+    """Dotted names of the values ``redact`` would replace, e.g. ``prefix.client_kwargs.secret``."""
+    found = []
+    if isinstance(options, dict):
+        for k, v in options.items():
+            found += [f"{prefix}.{k}"] if _is_secret(k, v) else secret_keys(v, f"{prefix}.{k}")
+    elif isinstance(options, list):
+        for i, v in enumerate(options):
+            found += secret_keys(v, f"{prefix}.{i}")
+    return found
 
 
 def _protocol(url: str) -> str:
@@ -57,6 +77,10 @@ class Storage:
     """A root URL plus an fsspec filesystem; paths given to methods are relative to the root."""
 
     def __init__(self, url: str, options: dict | None = None):
+        # "" would become "/" below and a job would write into the filesystem root.
+        if not url.strip():
+            raise StorageError("empty storage path: give a directory or an s3:// URL (is a "
+                               "shell variable unset?)")
         self.url = url.rstrip("/") or "/"
         self.options = dict(options or {})
 

@@ -109,3 +109,34 @@ def test_apply_overrides_does_not_mutate():
 def test_parse_spec_rejects_non_mapping():
     with pytest.raises(SpecError, match="expected a mapping"):
         parse_spec(["a"], "x.yaml")
+
+
+
+def test_duplicate_keys_are_refused_but_merge_keys_may_be_overridden(tmp_path):
+    msg = error_of(tmp_path, GOOD.replace("n: 2", "n: 2\n  n: 3"))
+    assert msg == f"{tmp_path / 'job.yaml'}: line 11: duplicate key 'n'"
+    # `<<: *anchor` followed by one of its keys is YAML's override, not a repeat.
+    spec = load_spec(write(tmp_path, "model: &m {path: m}\ninput: {<<: *m, path: in.parquet}\n"
+                                     "output: {path: o}\n"))
+    assert spec.input.path == "in.parquet" and spec.model.path == "m"
+
+
+def test_alias_bomb_in_a_set_value_is_refused():
+    bomb = "[" + ", ".join(["&a0 [x, x, x, x, x, x, x, x, x, x]"] + [
+        f"&a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 7)]) + "]"
+    with pytest.raises(SpecError, match=r"--set 'name=.*more than 100000 YAML nodes"):
+        apply_overrides({}, [f"name={bomb}"])
+
+
+def test_yaml_errors_are_one_line(tmp_path):
+    msg = error_of(tmp_path, "input:\n  path: [a\nmodel: {path: m}\n")
+    assert "\n" not in msg and msg.startswith(f"{tmp_path / 'job.yaml'}: not valid YAML: line 3")
+
+
+def test_a_kms_key_id_is_no_credential(tmp_path):
+    # Server-side encryption names its key with "Key" in the option; it is an id, not a secret.
+    opts = "storage: {options: {s3_additional_kwargs: {ServerSideEncryption: 'aws:kms', SSEKMSKeyId: k1}}}\n"
+    spec = load_spec(write(tmp_path, GOOD + opts))
+    assert spec.storage.options["s3_additional_kwargs"]["SSEKMSKeyId"] == "k1"
+    msg = error_of(tmp_path, GOOD + "storage: {options: {profile: p, token: t}}\n")
+    assert "(storage.options.token)" in msg and "profile" not in msg.split(";")[0]
