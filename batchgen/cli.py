@@ -1,7 +1,8 @@
 """The ``batchgen`` command: a thin Click layer over spec, plan, driver and storage.
 
 Heavy imports (torch, transformers, ray) happen inside commands, so ``batchgen --help`` is
-instant. A ``BatchgenError`` becomes one ``error: ...`` line and exit status 2.
+instant. A ``BatchgenError`` or a bad option value becomes one ``error: ...`` line and exit
+status 2.
 """
 
 from __future__ import annotations
@@ -31,9 +32,20 @@ class _Group(click.Group):
         except BatchgenError as e:
             click.secho(f"error: {e}", fg="red", err=True)
             sys.exit(2)
+        except click.BadParameter as e:  # a bad value is a user mistake too: one line
+            where = f" (see `{e.ctx.command_path} --help`)" if e.ctx else ""
+            click.secho(f"error: {e.format_message()}{where}", fg="red", err=True)
+            sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+
+
+def _not_empty(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    # `-o "$OUT"` with OUT unset is "", which Storage once took for "/".
+    if value is not None and not value.strip():
+        raise click.BadParameter("must not be empty (is a shell variable unset?)", ctx, param)
+    return value
 
 
 def _spec_options(f):
@@ -41,7 +53,8 @@ def _spec_options(f):
         "--replicas", type=int, default=None, help="Overrides resources.replicas."
     )(f)
     f = click.option(
-        "-o", "--output", default=None, metavar="PATH", help="Overrides output.path."
+        "-o", "--output", default=None, metavar="PATH", callback=_not_empty,
+        help="Overrides output.path.",
     )(f)
     f = click.option(
         "--set",
@@ -87,7 +100,7 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("job", type=click.Path(dir_okay=False))
+@click.argument("job", type=click.Path(dir_okay=False), callback=_not_empty)
 @_spec_options
 @click.option(
     "--address",
@@ -108,7 +121,7 @@ def run(job, overrides, output, replicas, address, progress, force, retry_failed
 
 
 @main.command()
-@click.argument("output")
+@click.argument("output", callback=_not_empty)
 @click.option("--endpoint-url", default=None, help="S3 endpoint of OUTPUT, as storage.endpoint_url.")
 @click.option(
     "--set",
@@ -143,15 +156,16 @@ def _run(spec, address, progress, force, retry_failed) -> None:
 
 
 @main.command()
-@click.argument("job", type=click.Path(dir_okay=False))
+@click.argument("job", type=click.Path(dir_okay=False), callback=_not_empty)
 @_spec_options
-@click.option("--sample", default=256, show_default=True, help="Rows tokenized for the estimate.")
+@click.option("--sample", default=256, show_default=True, type=click.IntRange(min=1),
+              help="Rows tokenized for the estimate.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan summary as JSON.")
 def plan(job, overrides, output, replicas, sample, as_json):
     """Show the shards JOB would run and a prompt-token estimate; runs no model."""
     spec = _load(job, overrides, output, replicas)
     from batchgen.plan import make_plan
-    from batchgen.worker import estimate_prompt_tokens
+    from batchgen.estimate import estimate_prompt_tokens
 
     p = make_plan(spec)
     per_row = estimate_prompt_tokens(spec, p, sample=sample)
@@ -182,7 +196,7 @@ def plan(job, overrides, output, replicas, sample, as_json):
 
 
 @main.command()
-@click.argument("target")
+@click.argument("target", callback=_not_empty)
 @click.option("--endpoint-url", default=None, help="S3 endpoint, as storage.endpoint_url.")
 @click.option(
     "--address",
@@ -200,7 +214,7 @@ def status(target, endpoint_url, address, as_json):
         st = read_status(target, endpoint_url)
         click.echo(json.dumps(st, indent=2) if as_json else _format_status(st))
         return
-    from batchgen.jobs import Cluster, JobView
+    from batchgen.submission import Cluster, JobView
 
     view = JobView.of(Cluster(address).info(target))
     st, problem = None, None
@@ -217,8 +231,9 @@ def status(target, endpoint_url, address, as_json):
                                "status": st, "status_error": problem}, indent=2))
         return
     click.echo(f"job:      {view.job_id}")
-    click.echo(f"ray:      {view.ray_state}" + (f" ({view.message})" if view.message else ""))
-    click.echo(f"output:   {view.output or '(not a batchgen job)'}")
+    click.echo(f"ray:      {view.ray_state}" +
+               (f" ({_printable(view.message)})" if view.message else ""))
+    click.echo(f"output:   {_printable(view.output) or '(not a batchgen job)'}")
     if st is not None:
         click.echo(_format_status(st))
     elif problem:
@@ -232,21 +247,27 @@ def _is_job_id(target: str) -> bool:
 
 
 def _format_status(st: dict) -> str:
+    # read_status checked the keys it needs; the rest of status.json may come from anywhere.
     sh, rc = st["shards"], st["request_counts"]
     lines = [
-        f"state:    {st['state']}",
+        f"state:    {_printable(st['state'])}",
         f"shards:   {sh['completed']}/{sh['total']} committed, {sh['failed']} failed",
-        f"requests: {rc['completed']}/{rc['total']} completed, {rc['failed']} failed",
+        f"requests: {rc.get('completed')}/{rc.get('total')} completed, {rc.get('failed')} failed",
     ]
-    if st.get("tokens"):
-        lines.append(
-            f"tokens:   {st['tokens']['generated']} generated, {st.get('tokens_per_second', 0)} tok/s"
-        )
-    if st.get("eta_seconds") is not None and st["state"] == "in_progress":
+    if isinstance(st.get("tokens"), dict):
+        lines.append(f"tokens:   {st['tokens'].get('generated')} generated, "
+                     f"{st.get('tokens_per_second', 0)} tok/s")
+    if isinstance(st.get("eta_seconds"), (int, float)) and st["state"] == "in_progress":
         lines.append(f"eta:      {st['eta_seconds']:.0f}s")
     if st.get("error"):
-        lines.append(f"error:    {st['error']}")
+        lines.append(f"error:    {_printable(str(st['error']))}")
     return "\n".join(lines)
+
+
+def _printable(text: str) -> str:
+    """``text`` as is, or escaped (repr) if it holds control characters: an escape sequence or
+    a newline from the data must not reach the terminal."""
+    return text if text.isprintable() else repr(text)
 
 
 # -- a remote cluster, through Ray's Jobs API ---------------------------------------------------
@@ -261,7 +282,7 @@ _ADDRESS = click.option(
 
 
 @main.command()
-@click.argument("job", type=click.Path(dir_okay=False))
+@click.argument("job", type=click.Path(dir_okay=False), callback=_not_empty)
 @_spec_options
 @_ADDRESS
 @click.option(
@@ -289,8 +310,8 @@ def submit(job, overrides, output, replicas, address, working_dir, env_names, pi
 
     Submitting a job again after it stopped or failed resumes it (same output, next run
     number); while it runs, a second submission is refused."""
-    from batchgen.jobs import (Cluster, env_vars, is_loopback, local_paths, spec_yaml,
-                               with_absolute_paths)
+    from batchgen.submission import (Cluster, env_vars, is_loopback, local_paths, spec_yaml,
+                                     with_absolute_paths)
 
     spec = with_absolute_paths(_load(job, overrides, output, replicas))
     spec_yaml(spec)  # refuses inline credentials before anything is sent
@@ -322,7 +343,7 @@ def submit(job, overrides, output, replicas, address, working_dir, env_names, pi
 @click.option("-f", "--follow", is_flag=True, help="Keep printing until the job ends.")
 def logs(job_id, address, follow):
     """Print the log of a submitted job (its `batchgen run` output)."""
-    from batchgen.jobs import Cluster
+    from batchgen.submission import Cluster
 
     cluster = Cluster(address)
     if follow:
@@ -339,7 +360,7 @@ def logs(job_id, address, follow):
 def stop(job_id, address, timeout):
     """Stop a submitted job. It ends `cancelled` with its committed shards kept; submit the
     same job again to resume it."""
-    from batchgen.jobs import Cluster
+    from batchgen.submission import Cluster
 
     state = Cluster(address).stop(job_id, timeout)
     click.echo(f"{job_id}: {state}")
@@ -352,7 +373,7 @@ def stop(job_id, address, timeout):
 @click.option("--all", "show_all", is_flag=True, help="Also Ray jobs not submitted by batchgen.")
 def list_jobs(address, show_all):
     """List the jobs on a cluster, oldest first."""
-    from batchgen.jobs import Cluster, JobView
+    from batchgen.submission import Cluster, JobView
 
     views = sorted((JobView.of(j) for j in Cluster(address).list()),
                    key=lambda v: v.start_time or 0)
@@ -361,12 +382,14 @@ def list_jobs(address, show_all):
             continue
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v.start_time)) \
             if v.start_time else "-"
-        click.echo(f"{v.job_id:<44} {v.ray_state:<10} {started}  {v.output or '-'}")
+        click.echo(f"{_printable(v.job_id):<44} {v.ray_state:<10} {started}  "
+                   f"{_printable(v.output) or '-'}")
 
 
 @main.command()
-@click.argument("output")
-@click.option("-n", "--rows", default=5, show_default=True, help="Rows to show.")
+@click.argument("output", callback=_not_empty)
+@click.option("-n", "--rows", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Rows to show.")
 @click.option("--endpoint-url", default=None, help="S3 endpoint, as storage.endpoint_url.")
 def show(output, rows, endpoint_url):
     """Print the first rows of a job's output (local or s3://)."""
@@ -374,11 +397,12 @@ def show(output, rows, endpoint_url):
 
     for r in head_rows(output, rows, endpoint_url):
         text = (r["generation"] if r["error"] is None else f"ERROR: {r['error']}") or ""
-        click.echo(f"{r['row_id']}#{r['sample_index']} [{r['finish_reason']}] {text!r}")
+        click.echo(f"{_printable(str(r['row_id']))}#{r['sample_index']} "
+                   f"[{_printable(str(r['finish_reason']))}] {text!r}")
 
 
 @main.command("init-model")
-@click.argument("directory", type=click.Path(file_okay=False))
+@click.argument("directory", type=click.Path(file_okay=False), callback=_not_empty)
 @click.option("--seed", default=0, show_default=True)
 def init_model(directory, seed):
     """Build the tiny offline test model into DIRECTORY (loadable with from_pretrained)."""

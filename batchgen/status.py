@@ -2,6 +2,9 @@
 
 ``status.json`` is written by the driver as it goes; the commit markers are the ground truth, so
 shard counts are taken from one listing of ``_batchgen/done/`` and ``_batchgen/failed/``.
+
+OUTPUT is whatever the user typed, so everything read here may be missing, damaged or written by
+something else: each such case is a ``StorageError`` naming the file, never a traceback.
 """
 
 from __future__ import annotations
@@ -9,17 +12,65 @@ from __future__ import annotations
 from typing import Any
 
 from batchgen.errors import StorageError
-from batchgen.storage import Storage, storage_options
+from batchgen.storage import REDACTED, Storage, storage_options
+
+# Columns `batchgen show` prints; a Parquet file without them is not batchgen's.
+SHOWN_COLUMNS = ("row_id", "sample_index", "finish_reason", "generation", "error")
+
+
+def _output(output: str, endpoint_url: str | None) -> Storage:
+    out = Storage(output, storage_options(output, endpoint_url))
+    try:
+        is_file = out.fs.isfile(out.root)
+    except OSError:  # unreachable storage: the first read below says why
+        is_file = False
+    if is_file:
+        raise StorageError(f"{output}: is a file, not a job's output directory")
+    return out
+
+
+def _read_json(out: Storage, name: str, shape: dict[str, type]) -> dict[str, Any] | None:
+    """``name`` as a JSON object with keys of the types in ``shape``; None if it is absent."""
+    where = out.url_of(name)
+    try:
+        doc = out.read_json_or_none(name)
+    except ValueError as e:  # invalid JSON or not UTF-8
+        raise StorageError(
+            f"{where}: not valid JSON ({e}); it was damaged or is not batchgen's") from None
+    except OSError as e:
+        raise StorageError(f"{where}: cannot read it: {e.strerror or e}") from None
+    if doc is None:
+        return None
+    if not isinstance(doc, dict):
+        raise StorageError(f"{where}: expected a JSON object, got {type(doc).__name__}; it was "
+                           "damaged or is not batchgen's")
+    wrong = [k for k, t in shape.items() if not isinstance(doc.get(k), t)]
+    if wrong:
+        raise StorageError(f"{where}: missing or malformed {', '.join(wrong)}; it was damaged or "
+                           "is not batchgen's")
+    return doc
+
+
+def _status_doc(out: Storage) -> dict[str, Any] | None:
+    status = _read_json(out, "status.json", {"state": str, "shards": dict, "request_counts": dict})
+    if status is not None and not isinstance(status["shards"].get("total"), int):
+        raise StorageError(f"{out.url_of('status.json')}: missing or malformed shards.total; it "
+                           "was damaged or is not batchgen's")
+    return status
 
 
 def read_status(output: str, endpoint_url: str | None = None) -> dict[str, Any]:
-    out = Storage(output, storage_options(output, endpoint_url))
-    status = out.read_json_or_none("status.json")
-    plan = out.read_json_or_none("plan.json") if status is None else None
+    out = _output(output, endpoint_url)
+    status = _status_doc(out)
+    plan = _read_json(out, "plan.json", {"shards": list}) if status is None else None
     if status is None and plan is None:
         raise StorageError(f"{output}: no batchgen job here (no status.json or plan.json)")
-    done = out.list_names("_batchgen/done")
-    failed = out.list_names("_batchgen/failed")
+    try:
+        done = out.list_names("_batchgen/done")
+        failed = out.list_names("_batchgen/failed")
+        succeeded = out.exists("_SUCCESS")
+    except OSError as e:
+        raise StorageError(f"{output}: cannot list the job's commit markers: {e}") from None
     if status is None:  # planned, but the driver never wrote a status
         total = len(plan["shards"])
         status = {
@@ -29,42 +80,70 @@ def read_status(output: str, endpoint_url: str | None = None) -> dict[str, Any]:
         }
     status["shards"]["completed"] = len(done)
     status["shards"]["failed"] = len(failed)
-    if out.exists("_SUCCESS"):
+    if succeeded:
         status["state"] = "completed"
     return status
 
 
 def head_rows(output: str, n: int, endpoint_url: str | None = None) -> list[dict[str, Any]]:
     """The first ``n`` output rows, reading only the first committed files."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    out = Storage(output, storage_options(output, endpoint_url))
-    names = [x for x in out.list_names("data") if x.endswith(".parquet")]
+    out = _output(output, endpoint_url)
+    try:
+        names = [x for x in out.list_names("data") if x.endswith(".parquet")]
+    except OSError as e:
+        raise StorageError(f"{output}/data: cannot list it: {e}") from None
     if not names:
         raise StorageError(f"{output}: no committed output yet (data/ is empty)")
     rows: list[dict[str, Any]] = []
     for name in names:
-        with out.open_read(f"data/{name}") as f:
-            # pq.read_table on a Python file object aborts the process at exit (pyarrow 26)
-            rows += pq.ParquetFile(f).read().slice(0, n - len(rows)).to_pylist()
+        where = out.url_of("data", name)
+        try:
+            with out.open_read(f"data/{name}") as f:
+                # pq.read_table on a Python file object aborts the process at exit (pyarrow 26)
+                pf = pq.ParquetFile(f)
+                missing = [c for c in SHOWN_COLUMNS if c not in pf.schema_arrow.names]
+                if missing:
+                    raise StorageError(f"{where}: not a batchgen output file (no column "
+                                       f"{', '.join(missing)})")
+                rows += pf.read().slice(0, n - len(rows)).to_pylist()
+        except (pa.ArrowException, OSError) as e:
+            raise StorageError(f"{where}: not a readable Parquet file ({e}); it was damaged or "
+                               "is not batchgen's") from None
         if len(rows) >= n:
             break
     return rows
 
 
+def _drop_redacted(value: Any) -> Any:
+    """``value`` without the entries ``redact`` replaced, at any depth."""
+    if isinstance(value, dict):
+        return {k: _drop_redacted(v) for k, v in value.items() if v != REDACTED}
+    if isinstance(value, list):
+        return [_drop_redacted(v) for v in value]
+    return value
+
+
 def stored_spec(output: str, endpoint_url: str | None = None, overrides: list[str] | None = None):
     """The spec a job was started with, from its ``job.json``, for ``batchgen resume``.
 
-    Credentials were redacted when it was written; they come from the environment again."""
+    Credentials were redacted when it was written (by batchgen before specs refused them); they
+    come from the environment again."""
     from batchgen.spec import apply_overrides, parse_spec
 
-    out = Storage(output, storage_options(output, endpoint_url))
-    job = out.read_json_or_none("job.json")
+    out = _output(output, endpoint_url)
+    job = _read_json(out, "job.json", {"spec": dict})
     if job is None:
         raise StorageError(f"{output}: no batchgen job here to resume (no job.json)")
     data = job["spec"]
-    storage = data.setdefault("storage", {})
-    storage["options"] = {k: v for k, v in (storage.get("options") or {}).items() if v != "<redacted>"}
+    for section in ("storage", "output"):
+        if not isinstance(data.setdefault(section, {}), dict):
+            raise StorageError(f"{out.url_of('job.json')}: spec.{section} is not a mapping; it "
+                               "was damaged or is not batchgen's")
+    storage = data["storage"]
+    storage["options"] = _drop_redacted(storage.get("options") or {})
     if endpoint_url and not storage.get("endpoint_url"):
         storage["endpoint_url"] = endpoint_url
     data["output"]["path"] = output  # where it was found, even if it was moved

@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import yaml
@@ -80,7 +81,8 @@ def test_submit_refuses_bad_specs_before_contacting_a_cluster(tmp_path, prompts_
     job.write_text(yaml.safe_dump(spec_dict(
         "s3://b/in", "s3://b/out", tiny_model, storage={"options": {"secret": "hunter2"}})))
     r = CliRunner().invoke(main, ["submit", str(job), *nowhere])
-    assert r.exit_code == 2 and "storage.options.secret: credentials in the spec" in r.output
+    assert r.exit_code == 2
+    assert "storage.options: credentials do not belong in the spec (storage.options.secret)" in r.output
     assert "hunter2" not in r.output
 
     job.write_text(yaml.safe_dump(spec_dict(str(prompts_dir), str(tmp_path / "o"), tiny_model)))
@@ -165,3 +167,129 @@ def test_sigterm_cancels_cleanly_and_a_rerun_resumes(tmp_path, prompts_dir, tiny
 
     ids = ds.dataset(out / "data").to_table(columns=["row_id"]).column("row_id").to_pylist()
     assert sorted(ids) == [f"r{i:05d}" for i in range(80)]
+
+
+def fake_driver(monkeypatch) -> list:
+    """``batchgen.driver`` replaced by one whose run_job records the spec it was given."""
+    specs: list = []
+    driver = types.ModuleType("batchgen.driver")
+
+    def run_job(spec, **kwargs):
+        specs.append(spec)
+        return types.SimpleNamespace(rows=0, outputs=0, errors=0, generated_tokens=0, seconds=1.0,
+                                     tokens_per_second=0.0, output=spec.output.path)
+
+    driver.run_job = run_job
+    monkeypatch.setitem(sys.modules, "batchgen.driver", driver)
+    return specs
+
+
+def test_resume_drops_redacted_options_at_any_depth(tmp_path, monkeypatch):
+    # job.json written before specs refused credentials holds "<redacted>" where they were;
+    # handed to s3fs literally they would be used as the credentials.
+    specs = fake_driver(monkeypatch)
+    out = tmp_path / "out"
+    out.mkdir()
+    options = {"anon": False, "key": "<redacted>",
+               "client_kwargs": {"region_name": "eu-west-1", "aws_secret_access_key": "<redacted>"}}
+    raw = spec_dict("s3://b/in", "s3://b/elsewhere", "m", storage={"options": options})
+    (out / "job.json").write_text(json.dumps({"spec": raw}))
+    r = CliRunner().invoke(main, ["resume", str(out)])
+    assert r.exit_code == 0, r.output
+    (spec,) = specs
+    assert spec.storage.options == {"anon": False, "client_kwargs": {"region_name": "eu-west-1"}}
+    assert spec.output.path == str(out)
+
+
+def test_show_escapes_control_characters_in_ids(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "data").mkdir()
+    evil = "r1\x1b]0;owned\x07\x1b[2J\nfake line"
+    pq.write_table(pa.table({"row_id": [evil, "plain"], "sample_index": [0, 0],
+                             "finish_reason": ["stop", "stop"], "generation": ["hi\x1b[31m", "ok"],
+                             "error": pa.array([None, None], pa.string())}),
+                   tmp_path / "data" / "part-000000.parquet")
+    r = CliRunner().invoke(main, ["show", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert "\x1b" not in r.output and r.output.count("\n") == 2
+    assert r.output.splitlines() == [
+        "'r1\\x1b]0;owned\\x07\\x1b[2J\\nfake line'#0 [stop] 'hi\\x1b[31m'",
+        "plain#0 [stop] 'ok'",
+    ]
+
+
+class FakeJobsClient:
+    """Ray's JobSubmissionClient as a head that has just started answers it."""
+
+    def __init__(self, failures: list[str]):
+        self.failures = list(failures)
+        self.calls = 0
+
+    def list_jobs(self):
+        return []
+
+    def submit_job(self, *, submission_id, **kwargs):
+        self.calls += 1
+        if self.failures:
+            raise RuntimeError(self.failures.pop(0))
+        return submission_id
+
+
+def submit_to_fake(monkeypatch, tmp_path, failures: list[str], wait_s: float):
+    from batchgen import submission
+
+    client = FakeJobsClient(failures)
+
+    def connect(self, address):
+        self.address, self._had_token, self._token_source = address, False, "none"
+        self.client = client
+
+    monkeypatch.setattr(submission.Cluster, "__init__", connect)
+    monkeypatch.setattr(submission, "AGENT_WAIT_S", wait_s)
+    monkeypatch.setattr(submission, "AGENT_POLL_S", 0.01)
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(spec_dict("s3://b/in", "s3://b/out", "m")))
+    r = CliRunner().invoke(main, ["submit", str(job), "--address", "http://127.0.0.1:8265"])
+    return r, client
+
+
+NO_AGENT = ("Request failed with status code 500: No available agent to submit job, please try "
+            "again later..")
+
+
+def test_submit_waits_for_a_fresh_heads_job_agent(monkeypatch, tmp_path):
+    r, client = submit_to_fake(monkeypatch, tmp_path, [
+        NO_AGENT, "Request failed with status code 500: No available agent to submit job."], 5.0)
+    assert r.exit_code == 0, r.output
+    assert client.calls == 3
+    assert r.stdout.strip() == "batchgen-out-" + r.stdout.strip().split("-")[2] + "-1"
+    assert r.stderr.count("waiting for the cluster's job agent") == 1
+
+
+def test_submit_gives_up_on_a_missing_job_agent_with_one_line(monkeypatch, tmp_path):
+    r, client = submit_to_fake(monkeypatch, tmp_path, [NO_AGENT] * 1000, 0.05)
+    assert r.exit_code == 2 and client.calls > 1
+    assert r.stderr.splitlines()[-1].startswith(
+        "error: http://127.0.0.1:8265: the cluster still has no job agent after 0s")
+    # Any other refusal is reported at once.
+    r, client = submit_to_fake(monkeypatch, tmp_path, ["Request failed: bad runtime_env"], 5.0)
+    assert r.exit_code == 2 and client.calls == 1
+    assert "waiting" not in r.output and "bad runtime_env" in r.output
+
+
+def test_status_of_a_running_job_from_its_status_json(tmp_path):
+    (tmp_path / "_batchgen" / "done").mkdir(parents=True)
+    (tmp_path / "_batchgen" / "done" / "000000.json").write_text("{}")
+    (tmp_path / "status.json").write_text(json.dumps({
+        "state": "in_progress", "shards": {"total": 4, "completed": 0, "failed": 0, "running": 2},
+        "request_counts": {"total": 40, "completed": 10, "failed": 0},
+        "tokens": {"prompt": 50, "generated": 120}, "tokens_per_second": 12.5,
+        "eta_seconds": 30.4, "error": None}))
+    r = CliRunner().invoke(main, ["status", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines() == [
+        "state:    in_progress", "shards:   1/4 committed, 0 failed",
+        "requests: 10/40 completed, 0 failed", "tokens:   120 generated, 12.5 tok/s",
+        "eta:      30s"]

@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import shlex
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,14 +29,18 @@ import yaml
 
 from batchgen.errors import BatchgenError
 from batchgen.spec import JobSpec
-from batchgen.storage import redact
+from batchgen.storage import secret_keys
 
 SPEC_ENV = "BATCHGEN_JOB_SPEC"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 META_OUTPUT = "batchgen_output"
 META_ENDPOINT = "batchgen_endpoint_url"
 META_JOB = "batchgen_job"
-AGENT_WAIT_S = 60.0
+AGENT_WAIT_S = 60.0  # how long submit waits for a freshly started head's job agent
+AGENT_POLL_S = 1.0
+# What the Jobs API answers while the head has no job agent yet (Ray 2.60's job_head.py).
+NO_AGENT_YET = ("No available agent", "try again later", "head node agent",
+                "Head node id has not yet been persisted")
 
 
 # -- connecting ------------------------------------------------------------------------------
@@ -132,7 +137,7 @@ class Cluster:
         metadata = {META_OUTPUT: spec.output.path, META_ENDPOINT: spec.storage.endpoint_url or "",
                     META_JOB: spec.name or ""}
         job_id, running = self._next_id(spec.output.path)
-        deadline = time.monotonic() + AGENT_WAIT_S
+        deadline, waiting = time.monotonic() + AGENT_WAIT_S, False
         while True:
             try:
                 return self._call(lambda: self.client.submit_job(
@@ -148,9 +153,19 @@ class Cluster:
                         f"{job_id}` and submit again to resume"
                     ) from None
                 # A head that has just started has no job agent for a few seconds.
-                if "try again later" not in str(e) or time.monotonic() > deadline:
+                if not any(s in str(e) for s in NO_AGENT_YET):
                     raise
-                time.sleep(1.0)
+                if time.monotonic() > deadline:
+                    raise BatchgenError(
+                        f"{self.address}: the cluster still has no job agent after "
+                        f"{AGENT_WAIT_S:.0f}s ({e}); check the head node (`ray status` there) "
+                        "and submit again"
+                    ) from None
+                if not waiting:
+                    print("waiting for the cluster's job agent (a head that has just started "
+                          "has none for a few seconds)...", file=sys.stderr, flush=True)
+                    waiting = True
+                time.sleep(AGENT_POLL_S)
 
     def _next_id(self, output: str) -> tuple[str, str | None]:
         """The id for a new run of the job writing ``output``: the running one's own id if one
@@ -215,17 +230,17 @@ def submission_prefix(output: str) -> str:
 
 
 def spec_yaml(spec: JobSpec) -> str:
-    """The resolved spec as YAML, as it travels to the cluster; refuses inline credentials,
-    which would sit in plain text in the Ray job's runtime_env."""
+    """The resolved spec as YAML, as it travels to the cluster in the Ray job's runtime_env.
+
+    A validated spec holds no credentials (StorageSpec refuses them); this check is for a spec
+    changed without validation (``model_copy``), since the runtime_env is plain text."""
     doc = spec.model_dump(mode="json")
-    redacted = redact(doc["storage"]["options"])
-    if redacted != doc["storage"]["options"]:
-        keys = ", ".join(sorted(k for k, v in redacted.items() if v == "<redacted>"))
+    keys = secret_keys(doc["storage"]["options"], "storage.options")
+    if keys:
         raise BatchgenError(
-            f"storage.options.{keys}: credentials in the spec would travel in plain text in the "
-            "Ray job; leave them out and pass them as environment variables instead "
-            "(e.g. --env AWS_ACCESS_KEY_ID --env AWS_SECRET_ACCESS_KEY), or give the cluster's "
-            "nodes their own credentials"
+            f"{', '.join(keys)}: credentials in the spec would travel in plain text in the Ray "
+            "job; pass them as environment variables instead (e.g. --env AWS_ACCESS_KEY_ID "
+            "--env AWS_SECRET_ACCESS_KEY), or give the cluster's nodes their own credentials"
         )
     return yaml.safe_dump(doc, sort_keys=False)
 
