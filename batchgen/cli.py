@@ -310,10 +310,12 @@ def submit(job, overrides, output, replicas, address, working_dir, env_names, pi
 
     Submitting a job again after it stopped or failed resumes it (same output, next run
     number); while it runs, a second submission is refused."""
-    from batchgen.submission import (Cluster, env_vars, is_loopback, local_paths, spec_yaml,
-                                     with_absolute_paths)
+    from batchgen.plan import resolve_local_paths
+    from batchgen.submission import Cluster, env_vars, is_loopback, local_paths, spec_yaml
 
-    spec = with_absolute_paths(_load(job, overrides, output, replicas))
+    # Resolved here, as `batchgen run` from this directory resolves them: the job means the same
+    # on the cluster, and resubmitting it (or running it locally) finds the same fingerprint.
+    spec = resolve_local_paths(_load(job, overrides, output, replicas))
     spec_yaml(spec)  # refuses inline credentials before anything is sent
     env = env_vars(env_names)
     cluster = Cluster(address)

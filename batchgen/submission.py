@@ -258,24 +258,6 @@ def env_vars(names: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-def with_absolute_paths(spec: JobSpec) -> JobSpec:
-    """Relative local paths resolved here, as ``batchgen run`` from this directory would: the
-    job means the same on the cluster (whose entrypoint runs elsewhere), and a resubmission has
-    the same output and fingerprint, so it resumes."""
-
-    def absolute(path: str) -> str:
-        return path if "://" in path else os.path.abspath(os.path.expanduser(path))
-
-    model = spec.model
-    if model.engine != "echo" and "://" not in model.path and os.path.isdir(model.path):
-        model = model.model_copy(update={"path": absolute(model.path)})
-    return spec.model_copy(update={
-        "input": spec.input.model_copy(update={"path": absolute(spec.input.path)}),
-        "output": spec.output.model_copy(update={"path": absolute(spec.output.path)}),
-        "model": model,
-    })
-
-
 def local_paths(spec: JobSpec) -> list[str]:
     """Spec keys that name paths on this machine, which a remote cluster cannot see."""
     keys = {"input.path": spec.input.path, "output.path": spec.output.path}

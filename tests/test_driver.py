@@ -149,3 +149,30 @@ def test_gpus_on_a_machine_without_them_end_the_job_failed(ray_local, prompts_di
         run_job(spec, live=False, log=quiet)
     status = _status(out)
     assert status["state"] == "failed" and "GPU" in status["error"]
+
+
+def test_paths_are_resolved_once_so_resume_and_submit_find_the_same_job(
+        ray_local, prompts_dir, tiny_model, tmp_path, monkeypatch):
+    """The README walk-through: `make demo` runs with relative paths, `batchgen submit` makes
+    them absolute; `batchgen resume OUTPUT` runs from anywhere. All three are one job."""
+    import shutil
+
+    from batchgen.plan import resolve_local_paths
+    from batchgen.status import stored_spec
+
+    work = tmp_path / "work"
+    (work / "models").mkdir(parents=True)
+    shutil.copytree(tiny_model, work / "models" / "tiny")
+    shutil.copytree(prompts_dir, work / "in")
+    monkeypatch.chdir(work)
+    raw = spec_dict("in", "out", "models/tiny", resources={"replicas": 1, "shard_rows": 40})
+    run_job(parse_spec(raw), live=False, log=quiet)
+    job = json.loads((work / "out" / "job.json").read_text())
+    assert job["spec"]["model"]["path"] == str(work / "models" / "tiny")
+    assert job["spec"]["input"]["path"] == str(work / "in")
+
+    (work / "out" / "_SUCCESS").unlink()  # so each run below has to prove it matched the plan
+    run_job(resolve_local_paths(parse_spec(raw)), live=False, log=quiet)  # what submit sends
+    monkeypatch.chdir(tmp_path)
+    run_job(stored_spec(str(work / "out")), live=False, log=quiet)  # resume from elsewhere
+    assert (work / "out" / "_SUCCESS").exists()
