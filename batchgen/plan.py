@@ -8,6 +8,7 @@ shard's first global row index, from which row ids are derived when the input ha
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -18,7 +19,7 @@ from typing import Any
 
 from fsspec.core import url_to_fs
 
-from batchgen import prompts
+from batchgen import layout, prompts
 from batchgen.errors import InputError, SpecError
 from batchgen.spec import JobSpec
 from batchgen.storage import (JSONL_SUFFIXES, Storage, file_format, open_input, read_jsonl,
@@ -105,6 +106,7 @@ def input_options(spec: JobSpec) -> dict:
 
 def make_plan(spec: JobSpec) -> Plan:
     """List the input, read every file's footer (no row data), check columns, cut shards."""
+    check_output_outside_input(spec)
     options = input_options(spec)
     listed = list_input_files(spec.input.path, options, spec.input.format)
     needed = prompts.needed_columns(spec.input)
@@ -139,6 +141,7 @@ def current_fingerprint(spec: JobSpec, version: int = FINGERPRINT_VERSION,
     without re-planning. ``version`` 1 reproduces what earlier batchgen versions stored, from
     the spec as the user spelled it (``as_given``), so their jobs still resume."""
     prompts.needed_columns(spec.input)  # the template is still checked before any work
+    check_output_outside_input(spec)
     if version == 1:
         legacy = as_given or spec
         listed = list_input_files(legacy.input.path, input_options(legacy), legacy.input.format,
@@ -196,6 +199,22 @@ def resolve_local_paths(spec: JobSpec) -> JobSpec:
         "output": spec.output.model_copy(update={"path": absolute(spec.output.path)}),
         "model": model,
     })
+
+
+def check_output_outside_input(spec: JobSpec) -> None:
+    """An output inside the input directory would read its own outputs as inputs on the next
+    run (and then refuse to resume: "changed: input")."""
+    resolved = resolve_local_paths(spec)
+    inp, out = resolved.input.path.rstrip("/"), resolved.output.path.rstrip("/")
+    if set(inp) & _GLOB_CHARS:
+        fixed = inp[:min(inp.index(c) for c in _GLOB_CHARS if c in inp)]
+        if not (out + "/").startswith(fixed) or not fnmatch.fnmatch(
+                f"{out}/{layout.data_path('000000')}", inp):
+            return
+    elif not (out + "/").startswith(inp + "/"):
+        return
+    raise SpecError(f"output.path {spec.output.path} is inside input.path {spec.input.path}: "
+                    "its outputs would become inputs of the next run; write the output elsewhere")
 
 
 def _digest(value: Any) -> str:

@@ -192,3 +192,33 @@ def test_a_fifo_in_the_input_directory_is_refused_not_waited_on(prompts_dir):
     os.mkfifo(prompts_dir / "pipe.parquet")
     with pytest.raises(InputError, match="pipe.parquet is not a regular file"):
         make_plan(spec_for(prompts_dir))
+
+
+@pytest.mark.parametrize("inp, out, refused", [
+    ("{d}", "{d}/out", True),
+    ("{d}", "{d}", True),
+    ("{d}/", "{d}/sub/out", True),
+    ("{d}/**/*.parquet", "{d}/out", True),
+    ("{d}/part-*.parquet", "{d}/out", False),  # the glob cannot match data/part-*.parquet
+    ("{d}", "{d}-out", False),
+    ("{d}/part-0.parquet", "{d}/out", False),
+])
+def test_an_output_inside_the_input_is_refused(prompts_dir, inp, out, refused):
+    from batchgen.plan import check_output_outside_input
+
+    d = str(prompts_dir)
+    spec = parse_spec(spec_dict(inp.format(d=d), out.format(d=d), "m"))
+    if refused:
+        with pytest.raises(SpecError, match="is inside input.path"):
+            check_output_outside_input(spec)
+    else:
+        check_output_outside_input(spec)
+
+
+def test_an_output_inside_the_input_is_refused_however_spelled(prompts_dir, monkeypatch):
+    from batchgen.plan import check_output_outside_input
+
+    monkeypatch.chdir(prompts_dir.parent)
+    spec = parse_spec(spec_dict(f"./{prompts_dir.name}", f"{prompts_dir}/out", "m"))
+    with pytest.raises(SpecError, match="is inside input.path"):
+        check_output_outside_input(spec)
