@@ -1,9 +1,14 @@
 """Turning an input row into prompt text.
 
 A prompt comes from one column, or from a Jinja2 template over the row's columns rendered in
-Jinja2's immutable sandbox (no access to Python internals, no imports, no files). The chat
-template, when asked for, is applied by the engine, which owns the tokenizer; this module only
-builds the messages.
+Jinja2's immutable sandbox (no access to Python internals, no imports, no files) under a time and
+size budget per row (``batchgen.sandbox``). Few-shot examples and the model's chat template go
+around it (``wrap_prompt``). No torch here: ``batchgen plan`` renders prompts for its estimate
+without loading a model.
+
+Contract: ``render`` returns the text or raises ``RowError``, whose message becomes that row's
+``error``; the shard goes on. ``check_template`` and ``check_column_types`` refuse at plan time
+what would fail on every row.
 """
 
 from __future__ import annotations
@@ -11,32 +16,31 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateSyntaxError, meta, nodes
+import pyarrow as pa
+from jinja2 import TemplateSyntaxError, meta, nodes
 from jinja2.exceptions import SecurityError, UndefinedError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from batchgen import sandbox
 from batchgen.errors import SpecError
-from batchgen.spec import InputSpec
+from batchgen.spec import InputSpec, JobSpec
 
 
 class RowError(ValueError):
     """This row cannot be turned into a prompt; it becomes an error row, the shard goes on."""
 
 
-@lru_cache(maxsize=1)
-def _env() -> ImmutableSandboxedEnvironment:
-    return ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
+# -- templates ------------------------------------------------------------------------------
 
 
 @lru_cache(maxsize=64)
 def _compile(template: str, key: str = "input.template"):
     check_template(template, key)
-    return _env().from_string(template)
+    return sandbox.compile_template(_parse(template, key))
 
 
 def _parse(template: str, key: str):
     try:
-        return _env().parse(template)
+        return sandbox.environment().parse(template)
     except TemplateSyntaxError as e:
         raise SpecError(f"{key}: invalid Jinja2 template (line {e.lineno}): {e.message}") from None
 
@@ -88,20 +92,44 @@ def needed_columns(spec: InputSpec) -> list[str]:
     return list(dict.fromkeys(cols))
 
 
+def check_column_types(spec: InputSpec, schema: pa.Schema, where: str) -> None:
+    """Refuse, at plan time, columns whose type makes every row an error (or no id at all): a
+    prompt or document column that does not hold text, an id column of nested values. Null and
+    empty values stay per-row errors. Columns missing from ``schema`` are not checked here."""
+    text_columns = [("input.prompt_column", spec.prompt_source)] if spec.template is None else []
+    if spec.chunk_column:
+        text_columns.append(("input.chunk_column", spec.chunk_column))
+    for key, column in text_columns:
+        if column in schema.names and not _is_text(schema.field(column).type):
+            kind = schema.field(column).type
+            fix = (f"or render it with input.template, e.g. '{{{{ {column} }}}}'"
+                   if key == "input.prompt_column" else "as text")
+            raise SpecError(
+                f"{where}: {key} {column!r} is of type {kind}, not text, so every row would be an "
+                f"error row; cast the column to string in the input {fix}"
+            )
+    column = spec.id_column
+    if column and column in schema.names and pa.types.is_nested(schema.field(column).type):
+        raise SpecError(
+            f"{where}: input.id_column {column!r} is of type {schema.field(column).type}; ids "
+            "must be single values (string or integer), one per row"
+        )
+
+
+def _is_text(kind: pa.DataType) -> bool:
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    return (pa.types.is_string(kind) or pa.types.is_large_string(kind)
+            or pa.types.is_string_view(kind) or pa.types.is_null(kind))
+
+
 def render(spec: InputSpec, row: dict[str, Any], template: str | None = None,
            key: str = "input.template") -> str:
     """The prompt text for one row (before any chat template); raises RowError. ``template``
     replaces the spec's (the reduce step of chunked documents)."""
     template = template or spec.template
     if template is not None:
-        try:
-            text = _compile(template, key).render(**row)
-        except SecurityError as e:
-            raise RowError(f"template refused by the sandbox: {e}") from None
-        except UndefinedError as e:
-            raise RowError(f"template error: {e}") from None
-        except Exception as e:  # noqa: BLE001 - any template failure is this row's failure
-            raise RowError(f"template error: {type(e).__name__}: {e}") from None
+        text = _render_template(_compile(template, key), row)
     else:
         text = row.get(spec.prompt_source)
         if text is None:
@@ -113,6 +141,47 @@ def render(spec: InputSpec, row: dict[str, Any], template: str | None = None,
     if not text.strip():
         raise RowError("prompt is empty")
     return text
+
+
+def _render_template(compiled: Any, row: dict[str, Any]) -> str:
+    try:
+        return sandbox.render(compiled, row)
+    except sandbox.RenderLimit as e:
+        raise RowError(str(e)) from None
+    except SecurityError as e:
+        raise RowError(f"template refused by the sandbox: {e}") from None
+    except UndefinedError as e:
+        raise RowError(f"template error: {e}") from None
+    except Exception as e:  # noqa: BLE001 - any template failure is this row's failure
+        raise RowError(f"template error: {type(e).__name__}: {e}") from None
+
+
+def render_prompts(
+    spec: JobSpec, rows: list[dict[str, Any]], bad: dict[int, str], tokenizer: Any
+) -> tuple[list[str | None], list[str | None]]:
+    """(prompt text or None, error or None) per row, after the chat template if asked for;
+    ``bad`` holds rows already known to fail (their error is kept)."""
+    texts: list[str | None] = [None] * len(rows)
+    errors: list[str | None] = [bad.get(i) for i in range(len(rows))]
+    for i, row in enumerate(rows):
+        if errors[i] is not None:
+            continue
+        try:
+            text = render(spec.input, row)
+        except RowError as e:
+            errors[i] = str(e)
+            continue
+        texts[i] = wrap_prompt(spec, text, tokenizer)
+    return texts, errors
+
+
+def wrap_prompt(spec: JobSpec, text: str, tokenizer: Any) -> str:
+    """Few-shot examples and, with chat: true, the model's chat template around a prompt."""
+    if spec.input.chat:
+        return tokenizer.apply_chat_template(
+            chat_messages(spec.input, text), tokenize=False, add_generation_prompt=True
+        )
+    return with_examples(spec.input, text) if spec.input.examples else text
 
 
 def chat_messages(spec: InputSpec, prompt: str) -> list[dict[str, str]]:

@@ -1,0 +1,143 @@
+"""Prompts: column types refused at plan time, templates held to a time and size budget per row."""
+
+from __future__ import annotations
+
+import time
+
+import pyarrow as pa
+import pytest
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from batchgen import prompts, sandbox
+from batchgen.errors import SpecError
+from batchgen.spec import parse_spec
+from conftest import spec_dict
+
+
+def input_spec(**values):
+    return parse_spec(spec_dict("in", "out", "m", input=values)).input
+
+
+# -- column types at plan time ---------------------------------------------------------------
+
+
+def schema(**columns) -> pa.Schema:
+    return pa.schema([pa.field(name, kind) for name, kind in columns.items()])
+
+
+@pytest.mark.parametrize("kind", [pa.int64(), pa.struct([("a", pa.string())]),
+                                  pa.list_(pa.string()), pa.binary(), pa.float32()])
+def test_a_prompt_column_that_is_not_text_is_refused_at_plan_time(kind):
+    spec = input_spec()  # prompt_column: prompt
+    with pytest.raises(SpecError) as e:
+        prompts.check_column_types(spec, schema(id=pa.string(), prompt=kind), "in/part-0.parquet")
+    assert str(e.value).startswith(f"in/part-0.parquet: input.prompt_column 'prompt' is of type {kind}")
+    assert "every row would be an error row" in str(e.value)
+
+
+@pytest.mark.parametrize("kind", [pa.string(), pa.large_string(), pa.dictionary(pa.int32(), pa.string()),
+                                  pa.null()])
+def test_text_prompt_columns_pass(kind):
+    prompts.check_column_types(input_spec(), schema(id=pa.int64(), prompt=kind), "f.parquet")
+
+
+def test_template_columns_may_be_any_type_but_a_document_must_be_text():
+    spec = input_spec(prompt_column=None, template="Count: {{ n }}")
+    prompts.check_column_types(spec, schema(id=pa.string(), n=pa.int64()), "f.parquet")
+    chunked = input_spec(prompt_column=None, template="S: {{ text }}", long_documents="chunk",
+                         chunk_column="text", reduce_template="{{ summaries }}")
+    with pytest.raises(SpecError, match="f.parquet: input.chunk_column 'text' is of type int64"):
+        prompts.check_column_types(chunked, schema(id=pa.string(), text=pa.int64()), "f.parquet")
+
+
+@pytest.mark.parametrize("kind", [pa.struct([("a", pa.int64())]), pa.list_(pa.int64()),
+                                  pa.map_(pa.string(), pa.string())])
+def test_a_nested_id_column_is_refused(kind):
+    with pytest.raises(SpecError, match=r"f.parquet: input.id_column 'id' is of type .*single values"):
+        prompts.check_column_types(input_spec(), schema(id=kind, prompt=pa.string()), "f.parquet")
+
+
+def test_missing_columns_are_left_to_the_missing_column_check():
+    prompts.check_column_types(input_spec(), schema(other=pa.int64()), "f.parquet")
+
+
+# -- the budget of one render ---------------------------------------------------------------
+
+
+@pytest.fixture
+def fast_deadline(monkeypatch):
+    monkeypatch.setattr(sandbox, "RENDER_SECONDS", 0.5)
+
+
+def render(template: str, **row) -> str:
+    return prompts.render(input_spec(prompt_column=None, template=template), {"topic": "tea", **row})
+
+
+LOOPS = [
+    "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}x",
+    "{% set s = range(100000)|list %}{% for a in s %}{% for b in s %}{% endfor %}{% endfor %}x",
+    "{% macro f(n) %}{% for i in range(9) %}{{ f(n) if n else '' }}{% endfor %}{% endmacro %}"
+    "{{ f(1) }}x",
+]
+
+
+@pytest.mark.parametrize("template", LOOPS)
+def test_a_looping_template_is_stopped_after_the_deadline(template, fast_deadline):
+    started = time.monotonic()
+    with pytest.raises(prompts.RowError, match="template took longer than 0.5 s|RecursionError"):
+        render(template)
+    assert time.monotonic() - started < 3
+
+
+HUGE = [
+    ("{{ 'x' * 10**9 }}", "repeated sequence \\('\\*'\\) of 1,000,000,000"),
+    ("{{ [[topic * 100] * 1000] * 1000 }}", "repeated sequence"),
+    ("{% for i in range(99999) %}{% for j in range(99999) %}xxxx{% endfor %}{% endfor %}",
+     "rendered prompt is over 1,048,"),
+    ("{% set b %}{% for i in range(99999) %}{% for j in range(999) %}xx{% endfor %}{% endfor %}"
+     "{% endset %}{{ b|length }}", "rendered prompt is over"),
+    ("{% set ns = namespace(s='ab') %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}"
+     "{% endfor %}", "a value of 2,097,152"),
+    ("{{ 'x'|center(1000000000) }}", "centered text"),
+    ("{{ topic.ljust(1000000000) }}", "padded text"),
+    ("{{ '%999999999s' % topic }}", "formatted field"),
+    ("{{ '{:>999999999}'.format(topic) }}", "formatted field"),
+    ("{{ range(100000)|join('x' * 100000) }}", "joined text"),
+    ("{{ (topic * 1000).replace('', 'y' * 1000) }}", "replaced text"),
+    ("{{ 9 ** (9 ** 9) }}", "number of about 1,549,681,956 bits"),
+]
+
+
+@pytest.mark.parametrize(("template", "message"), HUGE)
+def test_a_template_cannot_build_a_huge_prompt(template, message, fast_deadline):
+    started = time.monotonic()
+    with pytest.raises(prompts.RowError, match=message) as e:
+        render(template)
+    assert "limit" in str(e.value)
+    assert time.monotonic() - started < 3
+
+
+def test_the_size_limit_grows_with_the_row():
+    doc = "word " * 400_000  # 2 MB: more than the fixed part of the limit, and fine
+    assert render("Summarize: {{ doc }}", doc=doc) == f"Summarize: {doc}"
+    with pytest.raises(prompts.RowError, match="rendered prompt is over"):
+        render("{% for i in range(9) %}{{ doc }}{% endfor %}", doc=doc)
+
+
+ORDINARY = [
+    "Write one sentence about {{ topic }}.",
+    "{{ topic|upper }} {{ [1, 2, 3]|join(', ') }} {% for t in topic %}{{ loop.index }}{{ t }}{% endfor %}",
+    "{{ '%s-%d' % (topic, 3) }} {{ '{}!'.format(topic) }} {{ 'a,b'.split(',')|list }} {{ {'a': 1}|tojson }}",
+    "{{ 2 ** 10 }} {{ 3 * 4 }} {{ 'ab' + 'cd' }} {{ [1] + [2] }} {{ 'x' * 3 }} {{ topic ~ '!' }}",
+    "{{ topic|replace('e', 'E') }} {{ '-'.join(['a', 'b']) }} {{ '%5s|' % 'a' }} {{ 'x'|center(7) }}",
+    "{% filter upper %}{{ topic }}{% endfilter %} {{ topic|wordwrap(2) }} {{ topic|indent(2, true) }}",
+    "{% macro m() %}[{{ caller() }}]{% endmacro %}{% call m() %}in {{ topic }}{% endcall %}",
+    "{% for x in [3, 1, 2]|sort %}{{ loop.index }}{{ x }}{{ loop.last }}{% else %}none{% endfor %}",
+    "{% set ns = namespace(n=0) %}{% for x in range(5) %}{% set ns.n = ns.n + x %}{% endfor %}{{ ns.n }}",
+]
+
+
+@pytest.mark.parametrize("template", ORDINARY)
+def test_ordinary_templates_render_as_in_the_plain_sandbox(template):
+    plain = ImmutableSandboxedEnvironment().from_string(template).render(topic="tea")
+    assert render(template) == plain
