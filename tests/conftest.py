@@ -60,11 +60,15 @@ def s3_endpoint(tmp_path_factory):
         stderr=subprocess.STDOUT,
     )
     try:
-        wait_for_port(port)
+        wait_for_port(port, timeout=60)  # its imports alone take seconds on a busy machine
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
-        proc.wait(timeout=10)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # a busy machine; don't fail teardown over it
+            proc.kill()
+            proc.wait()
         log.close()
 
 
@@ -237,11 +241,111 @@ def tally(scenario: str, keys: list[tuple], expected: set[tuple]) -> dict:
 
 
 def pytest_terminal_summary(terminalreporter):
+    tr = terminalreporter
+    if SLOW_UNMARKED:
+        tr.section(f"over {SLOW_S:.0f} s without @pytest.mark.slow (the fast lane runs these)")
+        for nodeid, seconds in SLOW_UNMARKED:
+            tr.write_line(f"{seconds:6.1f}s {nodeid}")
     if not FAULT_REPORT:
         return
-    tr = terminalreporter
     tr.section("fault injection: rows per scenario")
     tr.write_line(f"{'scenario':58} {'expected':>8} {'found':>6} {'dupes':>6} {'lost':>5}")
     for r in FAULT_REPORT:
         tr.write_line(f"{r['scenario']:58} {r['expected']:>8} {r['found']:>6} "
                       f"{r['duplicates']:>6} {r['lost']:>5}")
+
+
+# -- Markers that select: what a test starts, it must say ---------------------------------------
+#
+# `make test-fast` runs `-m "not ray and not s3 and not slow"`, so a marker left off is a test that
+# quietly starts a server in the fast lane, and one left on hides a test from it. The markers are
+# written by hand, as documentation at the test, and checked here rather than added silently:
+# at collection against the fixtures a test asks for (the whole session stops, naming each test),
+# and after each test against what static names cannot show: a fixture taken with
+# request.getfixturevalue, or Ray or an S3 server started from this process.
+# Subprocesses that start Ray themselves (`python -c ...`, cluster scripts) are marked by hand.
+
+MARKER_OF_FIXTURE = {"s3_endpoint": "s3", "s3_bucket": "s3", "seaweed": "s3", "ray_local": "ray"}
+MARKER_OF_PROCESS = {"moto_server": "s3", "weed": "s3", "gcs_server": "ray", "raylet": "ray",
+                     "ray": "ray"}
+SLOW_S = 10.0  # a call longer than this without @pytest.mark.slow is named in the summary
+SLOW_UNMARKED: list[tuple[str, float]] = []
+
+
+def _missing_markers(item, fixtures) -> dict[str, list[str]]:
+    """{marker: [fixtures that need it]} for the markers ``item`` lacks."""
+    missing: dict[str, list[str]] = {}
+    for name in sorted(fixtures):
+        marker = MARKER_OF_FIXTURE.get(name)
+        if marker and item.get_closest_marker(marker) is None:
+            missing.setdefault(marker, []).append(name)
+    return missing
+
+
+def pytest_collection_modifyitems(config, items):
+    unmarked = []
+    for item in items:
+        for marker, fixtures in _missing_markers(item, item.fixturenames).items():
+            unmarked.append(f"  {item.nodeid}: uses {', '.join(fixtures)} "
+                            f"but lacks @pytest.mark.{marker}")
+    if unmarked:
+        raise pytest.UsageError(
+            "tests that use a server or Ray must carry its marker (tests/conftest.py):\n"
+            + "\n".join(unmarked))
+
+
+_STARTED: list[tuple[str, str]] | None = None  # (marker, command) started by the current test
+_REQUEST = pytest.StashKey()
+
+
+def _audit(event: str, args: tuple) -> None:
+    if event != "subprocess.Popen" or _STARTED is None:
+        return
+    argv = [str(a) for a in args[1]] if isinstance(args[1], (list, tuple)) else [str(args[1])]
+    name = os.path.basename(str(args[0]))
+    marker = MARKER_OF_PROCESS.get(name)
+    if name == "batchgen" and argv[1:2] in (["run"], ["resume"]):
+        marker = "ray"  # its driver starts a local Ray
+    if marker:
+        _STARTED.append((marker, " ".join(argv)[:100]))
+
+
+sys.addaudithook(_audit)  # for good (audit hooks cannot be removed); idle outside a test
+
+
+@pytest.fixture(autouse=True)
+def _request_for_the_marker_check(request):
+    request.node.stash[_REQUEST] = request
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    global _STARTED
+    _STARTED = []  # from before the first fixture: a server may start in any of them
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    global _STARTED
+    try:
+        result = yield
+    finally:
+        started, _STARTED = _STARTED or [], None
+    request = item.stash.get(_REQUEST, None)
+    # request.fixturenames also names the fixtures taken with request.getfixturevalue
+    used = request.fixturenames if request is not None else item.fixturenames
+    problems = [f"uses {', '.join(f)} but lacks @pytest.mark.{m}"
+                for m, f in _missing_markers(item, used).items()]
+    first = {m: cmd for m, cmd in reversed(started)}  # one process per marker says enough
+    problems += [f"started {cmd!r} but lacks @pytest.mark.{m}"
+                 for m, cmd in first.items() if item.get_closest_marker(m) is None]
+    if problems:
+        pytest.fail("; ".join(problems) + " (see the markers section of tests/conftest.py)",
+                    pytrace=False)
+    return result
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call" and report.duration > SLOW_S and "slow" not in report.keywords:
+        SLOW_UNMARKED.append((report.nodeid, report.duration))
