@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import subprocess
 import sys
 import time
 import uuid
+from importlib.metadata import version
 from pathlib import Path
 
 import pyarrow as pa
@@ -43,10 +45,30 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> str:
-    from batchgen.tinymodel import build_tiny_model
+def tiny_model(request, tmp_path_factory) -> str:
+    """Built once per source and library versions, then reused from pytest's cache: training it
+    takes ~20 s on two busy cores, longer than the rest of the fast lane. ``--cache-clear``
+    rebuilds it."""
+    from batchgen import tinymodel
 
-    return str(build_tiny_model(tmp_path_factory.mktemp("tiny-model")))
+    cache = getattr(request.config, "cache", None)
+    if cache is None:  # -p no:cacheprovider
+        return str(tinymodel.build_tiny_model(tmp_path_factory.mktemp("tiny-model")))
+    key = hashlib.sha256(Path(tinymodel.__file__).read_bytes())
+    for lib in ("torch", "transformers", "tokenizers"):
+        key.update(f"{lib}=={version(lib)}".encode())
+    final = cache.mkdir("tiny-model") / key.hexdigest()[:16]
+    if not final.exists():
+        # Built aside, then renamed into place: a concurrent session never sees half a model.
+        building = final.with_name(f"{final.name}.{uuid.uuid4().hex[:8]}.tmp")
+        tinymodel.build_tiny_model(building)
+        try:
+            building.rename(final)
+        except OSError:  # another session got there first; its model is the same
+            import shutil
+
+            shutil.rmtree(building, ignore_errors=True)
+    return str(final)
 
 
 @pytest.fixture(scope="session")
