@@ -49,7 +49,8 @@ def engine_direct(spec) -> tuple[int, float, float]:
     from batchgen.engine import Engine, Request
     from batchgen.plan import make_plan
     from batchgen.storage import read_rows
-    from batchgen.worker import _rows, render_prompts
+    from batchgen.prompts import render_prompts
+    from batchgen.rows import row_dicts as _rows
 
     torch.set_num_threads(2)
     with Timer() as total:

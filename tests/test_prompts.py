@@ -1,7 +1,10 @@
-"""Prompts: column types refused at plan time, templates held to a time and size budget per row."""
+"""Prompts: column types refused at plan time, templates held to a time and size budget per row,
+and the token estimate of `batchgen plan` without torch."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import pyarrow as pa
@@ -11,7 +14,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from batchgen import prompts, sandbox
 from batchgen.errors import SpecError
 from batchgen.spec import parse_spec
-from conftest import spec_dict
+from conftest import REPO, spec_dict
 
 
 def input_spec(**values):
@@ -141,3 +144,35 @@ ORDINARY = [
 def test_ordinary_templates_render_as_in_the_plain_sandbox(template):
     plain = ImmutableSandboxedEnvironment().from_string(template).render(topic="tea")
     assert render(template) == plain
+
+
+# -- the plan's token estimate -------------------------------------------------------------
+
+
+def test_importing_the_estimate_loads_no_torch():
+    code = "import sys, batchgen.estimate; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                         check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_the_estimate_counts_tokens_without_torch(tmp_path, tiny_model):
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": ["a", "b"], "prompt": ["Write one sentence.", None],
+                             "topic": ["t", "t"]}), tmp_path / "in.parquet")
+    code = f"""
+import sys
+sys.path.insert(0, {str(REPO / 'tests')!r})
+from conftest import spec_dict
+from batchgen.estimate import estimate_prompt_tokens
+from batchgen.plan import make_plan
+from batchgen.spec import parse_spec
+spec = parse_spec(spec_dict({str(tmp_path / 'in.parquet')!r}, "out", {tiny_model!r},
+                            input={{"chat": True}}))
+print(estimate_prompt_tokens(spec, make_plan(spec)), 'torch' in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    per_row, torch_loaded = out.stdout.split()
+    assert float(per_row) > 5 and torch_loaded == "False"  # the null row is left out

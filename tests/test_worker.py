@@ -1,11 +1,14 @@
+import time
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from batchgen.errors import ShardError
 from batchgen.plan import make_plan
+from batchgen.rows import row_seed
 from batchgen.spec import parse_spec
-from batchgen.worker import ShardWorker, row_seed
+from batchgen.worker import ShardWorker
 from conftest import spec_dict
 
 
@@ -64,3 +67,178 @@ def test_duplicate_ids_fail_the_shard_with_the_ids(tmp_path, tiny_model):
     with pytest.raises(ShardError, match="duplicate values \\(same\\)"):
         run_one(tmp_path, tiny_model, table)
     assert not (tmp_path / "out" / "data").exists()
+
+
+# -- shards whose every row is an error row (finding 13) -------------------------------------
+
+
+ALL_ERRORS = {
+    "null": (pa.array([None, None], pa.string()), {}, "prompt column 'prompt' is null"),
+    "empty": (pa.array(["", "  "]), {}, "prompt is empty"),
+    "int": (pa.array([1, 2]), {}, "prompt column 'prompt' holds int, not text"),
+    "struct": (pa.array([{"a": 1}, {"a": 2}]), {}, "prompt column 'prompt' holds dict, not text"),
+    "list": (pa.array([["x"], ["y"]]), {}, "prompt column 'prompt' holds list, not text"),
+    "sandbox": (pa.array(["__class__", "__init__"]),
+                {"prompt_column": None, "template": "{{ (topic|attr(prompt)) }}"},
+                "template refused by the sandbox: access to attribute '__"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ALL_ERRORS))
+def test_a_shard_of_error_rows_writes_them(case, tmp_path, tiny_model):
+    values, inp, message = ALL_ERRORS[case]
+    table = pa.table({"id": ["e0", "e1"], "prompt": values, "topic": ["tea", "tea"]})
+    result, out = run_one(tmp_path, tiny_model, table, input=inp,
+                          generation={"n": 2, "temperature": 1.0})
+    assert result.rows == 2 and result.outputs == 4 == result.errors == out.num_rows
+    assert sorted(zip(out.column("row_id").to_pylist(), out.column("sample_index").to_pylist())) == [
+        ("e0", 0), ("e0", 1), ("e1", 0), ("e1", 1)]
+    for row in out.to_pylist():
+        assert row["finish_reason"] == "error" and row["generation"] is None
+        assert row["error"].startswith(message) and row["prompt_tokens"] == 0
+
+
+# -- a template's time and size, a huge row (finding 14) --------------------------------------
+
+
+def test_a_looping_or_ballooning_template_fails_its_row_within_seconds(tmp_path, tiny_model,
+                                                                       monkeypatch):
+    from batchgen import sandbox
+
+    monkeypatch.setattr(sandbox, "RENDER_SECONDS", 1.0)
+    template = ("{% if topic == 'loop' %}{% for i in range(99999) %}{% for j in range(99999) %}"
+                "{% endfor %}{% endfor %}{% elif topic == 'big' %}{{ 'x' * 10**9 }}{% endif %}"
+                "Write one sentence about {{ topic }}.")
+    table = pa.table({"id": ["ok", "loop", "big"], "topic": ["tea", "loop", "big"]})
+    started = time.monotonic()
+    result, out = run_one(tmp_path, tiny_model, table,
+                          input={"prompt_column": None, "template": template})
+    rows = {r["row_id"]: r for r in out.to_pylist()}
+    assert rows["loop"]["error"].startswith("template took longer than 1 s to render this row")
+    assert rows["big"]["error"].startswith("template would build a repeated sequence ('*') of "
+                                           "1,000,000,000 characters (or items), more than the limit")
+    assert rows["ok"]["finish_reason"] != "error" and result.errors == 2
+    assert time.monotonic() - started < 30  # model load and one generation included
+
+
+@pytest.fixture
+def tokenized_lengths(monkeypatch):
+    """Lengths of every text the engine tokenizes."""
+    from batchgen.engine import Engine
+
+    seen: list[int] = []
+    real = Engine.tokenize
+
+    def spy(self, texts, *, chat=False):
+        seen.extend(len(t) for t in texts)
+        return real(self, texts, chat=chat)
+
+    monkeypatch.setattr(Engine, "tokenize", spy)
+    return seen
+
+
+@pytest.mark.parametrize("truncation", ["left", "right", "error"])
+def test_a_10_mb_row_is_not_tokenized_whole(truncation, tmp_path, tiny_model, tokenized_lengths):
+    huge = "The cat sees the moon. " * 450_000  # 10 MB
+    table = pa.table({"id": ["big", "small"], "prompt": [huge, "The cat"], "topic": ["t", "t"]})
+    result, out = run_one(tmp_path, tiny_model, table,
+                          model={"truncation": truncation, "max_input_tokens": 100})
+    big = out.to_pylist()[0]
+    assert max(tokenized_lengths) < 100_000
+    if truncation == "error":
+        assert big["finish_reason"] == "error" and "more than model.max_input_tokens=100" in big["error"]
+    else:
+        assert big["error"] is None and big["prompt_tokens"] == 100
+    assert out.to_pylist()[1]["error"] is None
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    from batchgen.engine import Engine
+    from batchgen.spec import GenerationSpec, ModelSpec, ResourcesSpec
+
+    return Engine.load(ModelSpec(path=tiny_model, max_input_tokens=100),
+                       GenerationSpec(max_new_tokens=8), ResourcesSpec())
+
+
+TEXTS = [
+    "The cat sees the moon. " * 60,  # short enough to be tokenized whole
+    "The cat sees the moon. " * 500,
+    "x" * 50_000,
+    " " * 30_000 + "the end",
+    "start " + "\N{SNOWMAN}\N{GRINNING FACE} naïve café " * 3000,
+    "\n".join(f"{i}: a line of a log, with numbers {i * 7919}" for i in range(3000)),
+]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("text", TEXTS, ids=range(len(TEXTS)))
+def test_cutting_before_tokenizing_keeps_the_same_tokens(text, side, engine):
+    from batchgen import longdocs
+
+    engine.truncation = side
+    expected = engine.fit(engine.tokenize([text])[0])
+    [tokens] = longdocs.tokenize_bounded(engine, [text], chat=False, keep=side)
+    assert longdocs.fit(engine, tokens, len(text)) == expected
+    if len(text) > 20_000 and text.strip(" x"):
+        assert tokens.part is not None and tokens.part < len(text)
+
+
+def test_an_empty_batch_is_tokenized_to_nothing(engine):
+    from batchgen import longdocs
+
+    assert longdocs.tokenize_bounded(engine, [], chat=False, keep="left") == []
+
+
+# -- windows of long documents (finding 16) ---------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [1, 2, 7, 64])
+def test_windows_cover_every_token_and_repeat_only_the_overlap(size):
+    from batchgen.longdocs import window_starts
+
+    for overlap in range(size):
+        for n in [0, 1, size - 1, size, size + 1, 3 * size + 2, 1000]:
+            starts = list(window_starts(n, size, overlap))
+            covered = set().union(*(range(s, min(s + size, n)) for s in starts))
+            assert covered == set(range(n)), (n, size, overlap)
+            assert all(b - a == size - overlap for a, b in zip(starts, starts[1:]))
+            assert all(s + overlap < n for s in starts[1:])  # no window inside the one before
+
+
+def test_an_overlap_as_large_as_the_window_is_an_error():
+    from batchgen.longdocs import window_starts
+
+    with pytest.raises(ValueError):
+        window_starts(100, 10, 10)
+
+
+CHUNKING = {"prompt_column": None, "template": "Summarize: {{ text }}", "long_documents": "chunk",
+            "chunk_column": "text", "reduce_template": "Combine: {{ summaries|join(' ') }}",
+            "columns": ["id"]}
+
+
+def test_an_overlap_beyond_the_default_window_fails_the_row_not_the_shard(tmp_path, tiny_model):
+    doc = "The old town remembers the long road before the rain. " * 40
+    table = pa.table({"id": ["long", "short"], "text": [doc, "A short note."]})
+    result, out = run_one(tmp_path, tiny_model, table, input={**CHUNKING, "chunk_overlap": 5000},
+                          model={"max_input_tokens": 100}, generation={"max_new_tokens": 4})
+    rows = {r["row_id"]: r for r in out.to_pylist()}
+    assert rows["long"]["finish_reason"] == "error" and result.errors == 1
+    assert rows["long"]["error"].startswith("chunking: input.chunk_overlap=5000 is not smaller "
+                                            "than the window of ")
+    assert "input.chunk_tokens is unset" in rows["long"]["error"] and result.chunks == 0
+    assert rows["short"]["error"] is None
+
+
+def test_default_windows_cover_the_document(tmp_path, tiny_model):
+    doc = "The old town remembers the long road before the rain. " * 40
+    table = pa.table({"id": ["long"], "text": [doc]})
+    result, out = run_one(tmp_path, tiny_model, table, input={**CHUNKING, "chunk_overlap": 10},
+                          model={"max_input_tokens": 100}, generation={"max_new_tokens": 4})
+    chunks = pq.read_table(tmp_path / "out" / result.staged_chunks).to_pylist()
+    row = out.to_pylist()[0]
+    size, tokens = chunks[0]["chunk_tokens"], row["document_tokens"]
+    assert row["chunks"] == len(chunks) == result.chunks >= 3
+    assert (len(chunks) - 1) * (size - 10) < tokens <= (len(chunks) - 1) * (size - 10) + size
+    assert sum(c["chunk_tokens"] for c in chunks) == tokens + 10 * (len(chunks) - 1)

@@ -1,0 +1,175 @@
+"""Output rows: their schema, their seeds, and their assembly from a shard's results.
+
+Contract (the output's): exactly one row per (input row, sample index), keyed by ``row_id`` and
+``sample_index``, with the columns of ``output_fields`` after the kept input columns; a row that
+failed has ``finish_reason: error``, its message in ``error``, no generation. With
+``generation.dedupe`` a row keeps sample 0 and drops exact repeats among its samples. Sampling
+seeds derive from (job seed, row id, sample index) only, so a retried shard regenerates the
+same text wherever it runs. No torch here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Protocol
+
+import pyarrow as pa
+
+from batchgen import postprocess
+from batchgen.errors import ShardError
+from batchgen.spec import JobSpec
+
+OUTPUT_FIELDS = [
+    pa.field("row_id", pa.string(), nullable=False),
+    pa.field("sample_index", pa.int32(), nullable=False),
+    pa.field("prompt", pa.string()),
+    pa.field("generation", pa.string()),
+    pa.field("finish_reason", pa.string(), nullable=False),
+    pa.field("prompt_tokens", pa.int32(), nullable=False),
+    pa.field("generated_tokens", pa.int32(), nullable=False),
+    pa.field("error", pa.string()),
+    pa.field("seed", pa.int64(), nullable=False),
+]
+PARSE_FIELDS = [pa.field("parsed", pa.string()), pa.field("parse_error", pa.string())]
+CHUNK_FIELDS = [pa.field("document_tokens", pa.int32()), pa.field("chunks", pa.int32())]
+CHUNKS_SCHEMA = pa.schema([
+    pa.field("row_id", pa.string(), nullable=False),
+    pa.field("chunk_index", pa.int32(), nullable=False),
+    pa.field("chunk_tokens", pa.int32(), nullable=False),
+    pa.field("prompt_tokens", pa.int32(), nullable=False),
+    pa.field("generation", pa.string()),
+    pa.field("finish_reason", pa.string(), nullable=False),
+    pa.field("generated_tokens", pa.int32(), nullable=False),
+    pa.field("error", pa.string()),
+    pa.field("seed", pa.int64(), nullable=False),
+])
+
+
+class Completion(Protocol):  # batchgen.engine.Completion, without importing torch
+    text: str | None
+    finish_reason: str
+    generated_tokens: int
+    error: str | None
+
+
+def output_fields(spec: JobSpec) -> list[pa.Field]:
+    """The columns batchgen adds to every output row of this job."""
+    fields = list(OUTPUT_FIELDS)
+    if spec.output.parse == "json":
+        fields += PARSE_FIELDS
+    if spec.input.long_documents == "chunk":
+        fields += CHUNK_FIELDS
+    return fields
+
+
+def row_seed(job_seed: int, row_id: str, sample_index: int) -> int:
+    """A 63-bit seed from (job seed, row id, sample index): the same wherever the row runs."""
+    digest = hashlib.sha256(f"{job_seed}\x1f{row_id}\x1f{sample_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def row_dicts(table: pa.Table) -> tuple[list[dict[str, Any]], dict[int, str]]:
+    """Row dicts, plus the rows whose text cannot be decoded (pyarrow reads invalid UTF-8 in a
+    string column without complaint; converting it to Python raises)."""
+    columns: dict[str, list] = {}
+    bad: dict[int, str] = {}
+    for name in table.column_names:
+        col = table.column(name)
+        try:
+            columns[name] = col.to_pylist()
+        except (UnicodeDecodeError, pa.ArrowException):
+            values = []
+            for i, raw in enumerate(col.cast(pa.binary()).to_pylist()):
+                try:
+                    values.append(None if raw is None else raw.decode("utf-8"))
+                except UnicodeDecodeError:
+                    values.append(None)
+                    bad.setdefault(i, f"column {name!r} holds invalid UTF-8")
+            columns[name] = values
+    rows = [{k: v[i] for k, v in columns.items()} for i in range(table.num_rows)]
+    return rows, bad
+
+
+def assemble(
+    spec: JobSpec,
+    row_ids: list[str],
+    texts: list[str | None],
+    errors: list[str | None],
+    prompt_tokens: dict[int, int],
+    done: dict[tuple[int, int], Completion],
+    chunk_counts: dict[int, tuple[int, int]] | None = None,
+) -> tuple[dict[str, list], list[int]]:
+    """Output columns for rows ``0..len(row_ids)-1``, one entry per (row, sample index), and
+    for each entry the row it came from. A (row, sample) without a completion, or with an error
+    completion, is an error row (its message from the completion, else from ``errors``).
+    ``chunk_counts``: (document tokens, windows) per row, when documents are chunked."""
+    n = spec.generation.n
+    out: dict[str, list] = {f.name: [] for f in output_fields(spec)}
+    take: list[int] = []
+    for k, row_id in enumerate(row_ids):
+        for s in range(n):
+            c = done.get((k, s))
+            failed = c is None or c.finish_reason == "error"
+            take.append(k)
+            out["row_id"].append(row_id)
+            out["sample_index"].append(s)
+            out["prompt"].append(texts[k])
+            out["generation"].append(None if failed else c.text)
+            out["finish_reason"].append("error" if failed else c.finish_reason)
+            out["prompt_tokens"].append(prompt_tokens.get(k, 0))
+            out["generated_tokens"].append(0 if failed else c.generated_tokens)
+            out["error"].append(((c.error if c is not None else errors[k])
+                                 or "no completion") if failed else None)
+            out["seed"].append(row_seed(spec.generation.seed, row_id, s))
+            if chunk_counts is not None:
+                document_tokens, windows = chunk_counts.get(k, (0, 0))
+                out["document_tokens"].append(document_tokens)
+                out["chunks"].append(windows)
+    return _after_decoding(spec, out, take)
+
+
+def _after_decoding(spec: JobSpec, out: dict[str, list], take: list[int]
+                    ) -> tuple[dict[str, list], list[int]]:
+    """Duplicate samples out (generation.dedupe), JSON parsed (output.parse: json)."""
+    if spec.generation.dedupe and spec.generation.n > 1:
+        failed = [r == "error" for r in out["finish_reason"]]
+        drop = postprocess.duplicate_samples(out["row_id"], out["generation"], failed)
+        if drop:
+            out = {name: [v for j, v in enumerate(col) if j not in drop]
+                   for name, col in out.items()}
+            take = [v for j, v in enumerate(take) if j not in drop]
+    if spec.output.parse == "json":
+        for text, reason in zip(out["generation"], out["finish_reason"]):
+            parsed, why = (postprocess.parse_generation(text, spec.output.json_schema)
+                           if reason != "error" else (None, "no generation"))
+            out["parsed"].append(parsed)
+            out["parse_error"].append(why)
+    return out, take
+
+
+def with_input_columns(table: pa.Table, keep: tuple[str, ...], take: list[int], out: dict,
+                       out_fields: list[pa.Field]) -> pa.Table:
+    """The output table: kept input columns (the input rows at ``take``), then ``out``."""
+    indices = pa.array(take, pa.int64())
+    arrays = [table.column(c).take(indices) for c in keep if c not in out]
+    fields = [table.schema.field(c) for c in keep if c not in out]
+    arrays += [pa.array(out[f.name], f.type) for f in out_fields]
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields + out_fields))
+
+
+def verify_one_to_one(shard_id: str, row_ids: list[str], n: int, table: pa.Table,
+                      partial: bool = False) -> None:
+    """Exactly one output row per (row, sample index); with dedupe, at most one, and at least
+    sample 0 of every row."""
+    expected = {(r, s) for r in row_ids for s in range(n)}
+    got = list(zip(table.column("row_id").to_pylist(), table.column("sample_index").to_pylist()))
+    if partial:
+        ok = len(set(got)) == len(got) and set(got) <= expected and {(r, 0) for r in row_ids} <= set(got)
+        if not ok:
+            raise ShardError(f"shard {shard_id}: output rows do not match input rows")
+        return
+    if len(got) != len(expected) or set(got) != expected:
+        raise ShardError(
+            f"shard {shard_id}: output rows do not match input rows one-to-one "
+            f"({len(got)} rows for {len(expected)} (row, sample) pairs)"
+        )
