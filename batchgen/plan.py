@@ -21,7 +21,7 @@ from fsspec.core import url_to_fs
 
 from batchgen import layout, prompts
 from batchgen.errors import InputError, SpecError
-from batchgen.spec import JobSpec
+from batchgen.spec import InputSpec, JobSpec
 from batchgen.storage import (JSONL_SUFFIXES, Storage, file_format, open_input, read_jsonl,
                               read_rows, storage_options)
 
@@ -113,7 +113,7 @@ def make_plan(spec: JobSpec) -> Plan:
 
     def footer(entry: tuple[str, int, str]) -> InputFile:
         url, size, etag = entry
-        return InputFile(url, size, etag, _footer_rows(url, options, needed, spec.input.format))
+        return InputFile(url, size, etag, _footer_rows(url, options, needed, spec.input))
 
     with ThreadPoolExecutor(max_workers=16) as pool:
         files = tuple(pool.map(footer, listed))
@@ -301,26 +301,26 @@ def _hidden(rel: str) -> bool:
     return any(part.startswith(("_", ".")) for part in rel.split("/"))
 
 
-def _footer_rows(url: str, options: dict, needed: list[str], fmt: str = "auto") -> int:
-    """Row count and a column check: from the footer for Parquet; a JSON Lines file has no
-    footer, so it is read (seed datasets are small)."""
+def _footer_rows(url: str, options: dict, needed: list[str], inp: InputSpec) -> int:
+    """Row count and a check of the columns the spec names and their types: from the footer
+    for Parquet; a JSON Lines file has no footer, so it is read (seed datasets are small)."""
     import pyarrow.parquet as pq
 
-    if file_format(url, fmt) == "jsonl":
+    if file_format(url, inp.format) == "jsonl":
         try:
             table = read_jsonl(url, options)
         except Exception as e:  # noqa: BLE001
             raise InputError(f"{url}: not a readable JSON Lines file (one object per line): "
                              f"{str(e).splitlines()[0]}") from None
-        names, rows = set(table.column_names), table.num_rows
+        schema, rows = table.schema, table.num_rows
     else:
         try:
             with open_input(url, options) as f:
                 pf = pq.ParquetFile(f)
-                names = set(pf.schema_arrow.names)
-                rows = pf.metadata.num_rows
+                schema, rows = pf.schema_arrow, pf.metadata.num_rows
         except Exception as e:  # noqa: BLE001 - pyarrow raises several types for bad files
             raise InputError(f"{url}: not a readable Parquet file: {e}") from None
+    names = set(schema.names)
     missing = [c for c in needed if c not in names]
     if missing:
         raise SpecError(
@@ -328,6 +328,7 @@ def _footer_rows(url: str, options: dict, needed: list[str], fmt: str = "auto") 
             f"input.template, input.id_column or input.columns) are not in the file; it has: "
             f"{', '.join(sorted(names))}"
         )
+    prompts.check_column_types(inp, schema, url)
     return rows
 
 

@@ -222,3 +222,17 @@ def test_an_output_inside_the_input_is_refused_however_spelled(prompts_dir, monk
     spec = parse_spec(spec_dict(f"./{prompts_dir.name}", f"{prompts_dir}/out", "m"))
     with pytest.raises(SpecError, match="is inside input.path"):
         check_output_outside_input(spec)
+
+
+@pytest.mark.parametrize("column, values, key", [
+    ("prompt", pa.array([1, 2, 3]), "input.prompt_column"),
+    ("prompt", pa.array([{"a": "x"}] * 3), "input.prompt_column"),
+    ("id", pa.array([{"a": 1}, {"a": 2}, {"a": 3}]), "input.id_column"),
+])
+def test_column_types_that_fail_every_row_are_refused_when_planning(tmp_path, column, values,
+                                                                     key):
+    table = prompt_table(3)
+    table = table.set_column(table.schema.get_field_index(column), column, values)
+    pq.write_table(table, tmp_path / "typed.parquet")
+    with pytest.raises(SpecError, match=key):
+        make_plan(spec_for(tmp_path / "typed.parquet"))
