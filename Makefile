@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: install demo demo-synthetic demo-summarize tiny-model test bench clean \
+.PHONY: install demo demo-synthetic demo-summarize tiny-model test test-fast bench clean \
 	cluster-up cluster-status cluster-down
 
 install: $(STAMP)
@@ -41,8 +41,14 @@ demo-summarize: tiny-model
 	$(BIN)/batchgen run jobs/summarize-corpus.yaml
 	$(BIN)/batchgen show .demo/summaries -n 4
 
+# The whole suite; CI runs this. --durations names the slowest tests in every CI log.
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
+
+# The inner loop: no Ray, no S3 server, nothing marked slow (tests/conftest.py checks the markers).
+# About 20 s on two busy cores with the tiny model cached in .pytest_cache, 30 s without.
+test-fast: install
+	$(BIN)/python -m pytest -m "not ray and not s3 and not slow" --durations=5 $(PYTEST_ARGS)
 
 # Side-by-side performance figures as JSON lines (see README "Performance"); not part of `make test`.
 bench: tiny-model
