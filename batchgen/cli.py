@@ -83,7 +83,7 @@ def _resume_options(f):
 
 
 def _load(job: str, overrides: tuple[str, ...], output: str | None, replicas: int | None):
-    from batchgen.spec import load_spec
+    from batchgen.specfile import load_spec
 
     extra = list(overrides)
     if output is not None:

@@ -131,7 +131,7 @@ def stored_spec(output: str, endpoint_url: str | None = None, overrides: list[st
 
     Credentials were redacted when it was written (by batchgen before specs refused them); they
     come from the environment again."""
-    from batchgen.spec import apply_overrides, parse_spec
+    from batchgen.specfile import apply_overrides, parse_spec
 
     out = _output(output, endpoint_url)
     job = _read_json(out, "job.json", {"spec": dict})

@@ -26,7 +26,7 @@ from common import REPO, emit, log
 RUN = r"""
 import json, resource, sys, time
 from batchgen.driver import run_job
-from batchgen.spec import parse_spec
+from batchgen.specfile import parse_spec
 spec = parse_spec(json.loads(sys.argv[1]))
 t0 = time.perf_counter()
 summary = run_job(spec, live=False, log=lambda line: print(line, file=sys.stderr, flush=True))
@@ -88,7 +88,7 @@ def prepare_resume(raw: dict, done_fraction: float, put) -> int:
     that died near its end would have left them."""
     from batchgen.prepare import _job_doc
     from batchgen.plan import make_plan
-    from batchgen.spec import parse_spec
+    from batchgen.specfile import parse_spec
 
     spec = parse_spec(raw)
     plan = make_plan(spec)

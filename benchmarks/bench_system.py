@@ -31,7 +31,7 @@ def make_input(path: Path, rows: int) -> None:
 
 
 def spec_for(inp: Path, out: Path, model: Path, replicas: int, cpus: int, new_tokens: int):
-    from batchgen.spec import parse_spec
+    from batchgen.specfile import parse_spec
 
     return parse_spec({
         "input": {"path": str(inp), "template": "The {{ topic }} and the", "id_column": "id"},

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from batchgen.cli import main
-from batchgen.spec import load_spec
+from batchgen.specfile import load_spec
 from conftest import REPO
 
 CLUSTER = REPO / "cluster"

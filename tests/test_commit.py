@@ -1,7 +1,6 @@
 """The commit protocol and the run's preparation, without Ray: markers, index, completion, lock."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,13 +10,13 @@ import pytest
 
 from batchgen import layout
 from batchgen.commit import Committer, Task, load_markers
-from batchgen.errors import BatchgenError, Cancelled
+from batchgen.errors import BatchgenError
 from batchgen.lock import JobLock, LockLost, epoch_path
 from batchgen.plan import Shard, make_plan, output_storage
 from batchgen.prepare import _job_doc, prepare
-from batchgen.spec import parse_spec
+from batchgen.specfile import parse_spec
 from batchgen.status import read_status
-from conftest import BIN, spec_dict
+from conftest import spec_dict
 
 SHARD = Shard("000000", "in.parquet", 0, 4, 0)
 

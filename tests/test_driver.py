@@ -10,7 +10,7 @@ import s3fs
 
 from batchgen.driver import run_job
 from batchgen.errors import BatchgenError, ModelError, StorageError
-from batchgen.spec import parse_spec
+from batchgen.specfile import parse_spec
 from conftest import spec_dict
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from batchgen.plan import make_plan
-from batchgen.spec import load_spec
+from batchgen.specfile import load_spec
 from conftest import REPO
 
 JOBS = sorted((REPO / "jobs").glob("*.yaml"))

@@ -10,7 +10,7 @@ import s3fs
 
 from batchgen.errors import ModelError
 from batchgen.modelcache import COMPLETE, fetch, local_model
-from batchgen.spec import parse_spec
+from batchgen.specfile import parse_spec
 from conftest import spec_dict
 
 pytestmark = pytest.mark.s3

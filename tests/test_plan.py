@@ -6,7 +6,7 @@ import pytest
 
 from batchgen.errors import InputError, SpecError
 from batchgen.plan import Plan, current_fingerprint, make_plan
-from batchgen.spec import parse_spec
+from batchgen.specfile import parse_spec
 from batchgen.storage import read_rows
 from conftest import prompt_table, spec_dict
 
@@ -173,7 +173,7 @@ def test_model_path_spelling_does_not_change_the_fingerprint(prompts_dir, tmp_pa
 
 
 def test_plans_of_earlier_versions_still_match(prompts_dir):
-    from batchgen.plan import _legacy_parts, _digest
+    from batchgen.plan import _digest
 
     spec = spec_for(prompts_dir)
     plan = make_plan(spec)

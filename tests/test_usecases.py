@@ -15,7 +15,7 @@ from batchgen.cli import main
 from batchgen.driver import run_job
 from batchgen.errors import InputError, SpecError
 from batchgen.plan import make_plan
-from batchgen.spec import load_spec, parse_spec
+from batchgen.specfile import load_spec, parse_spec
 from batchgen.storage import storage_options
 from conftest import REPO, spec_dict
 
