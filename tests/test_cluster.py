@@ -14,7 +14,6 @@ import json
 import os
 import re
 import subprocess
-import time
 import uuid
 
 import pyarrow.parquet as pq
@@ -264,7 +263,5 @@ def test_wrong_or_missing_token_fails_clearly(cluster, tmp_path, tiny_model, s3_
 def test_unknown_job_id_and_unreachable_cluster(cluster):
     r = cluster.batchgen("status", "batchgen-nope-00000000-1", "--address", cluster.address)
     assert r.returncode == 2 and "no job batchgen-nope-00000000-1 on" in r.stderr
-    start = time.monotonic()
     r = cluster.batchgen("list", "--address", f"http://127.0.0.1:{free_port()}")
     assert r.returncode == 2 and "cannot reach the Ray Jobs API" in r.stderr
-    assert time.monotonic() - start < 60

@@ -7,7 +7,7 @@ import pytest
 from batchgen.errors import ShardError
 from batchgen.plan import make_plan
 from batchgen.rows import row_seed
-from batchgen.spec import parse_spec
+from batchgen.specfile import parse_spec
 from batchgen.worker import ShardWorker
 from conftest import spec_dict
 
@@ -85,7 +85,12 @@ ALL_ERRORS = {
 
 
 @pytest.mark.parametrize("case", sorted(ALL_ERRORS))
-def test_a_shard_of_error_rows_writes_them(case, tmp_path, tiny_model):
+def test_a_shard_of_error_rows_writes_them(case, tmp_path, tiny_model, monkeypatch):
+    from batchgen import prompts
+
+    # The planner refuses non-text prompt columns up front (tests/test_plan.py); the worker must
+    # cope on its own all the same (a plan made by an earlier version, a JSON Lines file).
+    monkeypatch.setattr(prompts, "check_column_types", lambda *a: None)
     values, inp, message = ALL_ERRORS[case]
     table = pa.table({"id": ["e0", "e1"], "prompt": values, "topic": ["tea", "tea"]})
     result, out = run_one(tmp_path, tiny_model, table, input=inp,
@@ -118,7 +123,7 @@ def test_a_looping_or_ballooning_template_fails_its_row_within_seconds(tmp_path,
     assert rows["big"]["error"].startswith("template would build a repeated sequence ('*') of "
                                            "1,000,000,000 characters (or items), more than the limit")
     assert rows["ok"]["finish_reason"] != "error" and result.errors == 2
-    assert time.monotonic() - started < 30  # model load and one generation included
+    assert time.monotonic() - started < 120  # stopped, not hours: model load included
 
 
 @pytest.fixture
