@@ -3,8 +3,8 @@
 Contract: ``Engine.generate(requests)`` returns one ``Completion`` per ``Request`` in the same
 order. A request's output depends only on its prompt tokens and its seed, not on which other
 requests share its batch: padding is on the left with a matching attention mask and position ids,
-and sampling draws Gumbel noise from a ``torch.Generator`` of the request's own, after the usual
-temperature / top-k / top-p warpers (Gumbel-max: ``argmax(log p - log E)``, ``E ~ Exp(1)``).
+and sampling (``sampling.Sampler``) draws noise from a ``torch.Generator`` of the request's own.
+Loading is ``loading.py``.
 
 Batches are cut from requests sorted by prompt length, under both a row limit and a token budget
 (rows x (longest prompt + max_new_tokens)), so padding stays small and long prompts get small
@@ -25,11 +25,10 @@ from typing import Any
 
 import torch
 
-from batchgen.errors import ModelError
-from batchgen.modelcheck import check_model, context_length, input_budget  # noqa: F401 (re-exported)
+from batchgen.loading import load_model
+from batchgen.modelcheck import context_length, input_budget
+from batchgen.sampling import Sampler
 from batchgen.spec import GenerationSpec, ModelSpec, ResourcesSpec
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -79,39 +78,6 @@ def _free_memory() -> None:
 
 class PromptTooLong(ValueError):
     """The prompt is longer than model.max_input_tokens and truncation is 'error'."""
-
-
-def resolve_device(spec: ModelSpec) -> str:
-    if spec.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if spec.device == "cuda" and not torch.cuda.is_available():
-        raise ModelError("model.device is 'cuda' but no CUDA device is visible to this replica")
-    return spec.device
-
-
-def resolve_dtype(spec: ModelSpec, device: str) -> torch.dtype:
-    if spec.dtype == "auto":
-        return torch.bfloat16 if device == "cuda" else torch.float32
-    return _DTYPES[spec.dtype]
-
-
-def load_tokenizer(spec: ModelSpec):
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(
-            spec.path, revision=spec.revision, trust_remote_code=spec.trust_remote_code
-        )
-    except Exception as e:  # noqa: BLE001 - transformers raises many types here
-        raise ModelError(f"model.path {spec.path}: cannot load the tokenizer: {e}") from None
-    tok.padding_side = "left"
-    if tok.pad_token_id is None:
-        if tok.eos_token_id is None:
-            raise ModelError(
-                f"model.path {spec.path}: the tokenizer has neither a pad nor an EOS token"
-            )
-        tok.pad_token = tok.eos_token  # masked out anyway; any id would do
-    return tok
 
 
 def load_engine(model: ModelSpec, generation: GenerationSpec, resources: ResourcesSpec):
@@ -178,25 +144,7 @@ class Engine:
     def load(
         cls, model: ModelSpec, generation: GenerationSpec, resources: ResourcesSpec
     ) -> Engine:
-        from transformers import AutoModelForCausalLM
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # one bar per replica per load is noise in job logs
-        device = resolve_device(model)
-        if device == "cpu":
-            # One replica per cpus_per_replica cores: more threads only contend.
-            torch.set_num_threads(max(1, int(resources.cpus_per_replica)))
-        tokenizer = load_tokenizer(model)
-        try:
-            lm = AutoModelForCausalLM.from_pretrained(
-                model.path,
-                revision=model.revision,
-                dtype=resolve_dtype(model, device),
-                trust_remote_code=model.trust_remote_code,
-            )
-        except Exception as e:  # noqa: BLE001
-            raise ModelError(f"model.path {model.path}: cannot load the model: {e}") from None
-        lm.to(device).eval()
+        lm, tokenizer = load_model(model, resources)
         budget = input_budget(model, generation,
                               context_length(lm.config.to_dict(), tokenizer.model_max_length))
         return cls(
@@ -310,7 +258,7 @@ class Engine:
         input_ids, mask = input_ids.to(dev), mask.to(dev)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
 
-        sampler = _Sampler(self.gen, requests, input_ids, mask, dev)
+        sampler = Sampler(self.gen, requests, input_ids, mask, dev)
 
         # 2. Prefill, in groups of similar length whose KV caches are then left-padded and
         # stacked: the decode batch stays whole while prompt padding stays small.
@@ -414,59 +362,6 @@ class Engine:
         if cut >= 0:
             text, reason = text[:cut], "stop"
         return Completion(text, reason, len(ids), ids)
-
-
-class _Sampler:
-    """Greedy or seeded sampling over a batch whose rows may be dropped as they finish."""
-
-    def __init__(self, gen: GenerationSpec, requests, input_ids, mask, device):
-        self.gen = gen
-        self.generators = None
-        if not gen.greedy:
-            self.generators = [
-                torch.Generator(device=device).manual_seed(r.seed) for r in requests
-            ]
-        self.seen = None  # (rows, vocab) tokens already seen, built on first use
-        self._prompt = (input_ids, mask) if gen.repetition_penalty != 1.0 else None
-
-    def select(self, keep: torch.Tensor, rows: list[int]) -> None:
-        if self.generators is not None:
-            self.generators = [self.generators[r] for r in rows]
-        if self.seen is not None:
-            self.seen = self.seen[keep]
-
-    def observe(self, tokens: torch.Tensor) -> None:
-        if self.seen is not None:
-            self.seen[torch.arange(len(tokens), device=tokens.device), tokens] = True
-
-    def choose(self, logits: torch.Tensor) -> torch.Tensor:
-        g = self.gen
-        if self._prompt is not None:
-            if self.seen is None:  # sized from the logits: some models pad their vocabulary
-                ids, mask = self._prompt
-                self.seen = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
-                self.seen.scatter_(1, ids, mask.bool())
-            penalized = torch.where(
-                logits > 0, logits / g.repetition_penalty, logits * g.repetition_penalty
-            )
-            logits = torch.where(self.seen, penalized, logits)
-        if g.greedy:
-            return logits.argmax(dim=-1)
-        logits = logits / g.temperature
-        if g.top_k:
-            k = min(g.top_k, logits.shape[-1])
-            kth = torch.topk(logits, k, dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if g.top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-            probs = sorted_logits.softmax(dim=-1)
-            drop = probs.cumsum(dim=-1) - probs > g.top_p  # always keeps the likeliest token
-            logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-        logp = logits.log_softmax(dim=-1)
-        noise = torch.empty_like(logp)
-        for row, gen in enumerate(self.generators):
-            noise[row].exponential_(generator=gen)
-        return (logp - noise.log()).argmax(dim=-1)
 
 
 PREFILL_FILL = 0.9  # least share of real tokens among the prompt positions of a prefill group

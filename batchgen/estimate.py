@@ -45,7 +45,7 @@ def _tokenizer(spec: JobSpec) -> Any:
     model = local_model(spec, weights=False)[0]
     tokenizer = load_tokenizer(model)
     if tokenizer is None:  # no tokenizer.json: only transformers can read it
-        from batchgen.engine import load_tokenizer as load_with_transformers
+        from batchgen.loading import load_tokenizer as load_with_transformers
 
         tokenizer = load_with_transformers(model)
     return tokenizer

@@ -115,7 +115,7 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     from transformers import AutoModelForCausalLM
 
-    from batchgen.engine import load_tokenizer
+    from batchgen.loading import load_tokenizer
     from batchgen.spec import ModelSpec
 
     path = tiny_model()

@@ -113,7 +113,7 @@ def main() -> None:
     args = ap.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA device"
     from batchgen.tinymodel import build_tiny_model
-    from batchgen.engine import load_tokenizer
+    from batchgen.loading import load_tokenizer
     from batchgen.spec import ModelSpec
 
     tok_dir = build_tiny_model(Path("/tmp/bg-tiny-tokenizer"))

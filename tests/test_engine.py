@@ -1,6 +1,7 @@
 import pytest
 
-from batchgen.engine import Engine, PromptTooLong, Request, check_model
+from batchgen.engine import Engine, PromptTooLong, Request
+from batchgen.modelcheck import check_model
 from batchgen.errors import ModelError
 from batchgen.spec import GenerationSpec, InputSpec, ModelSpec, ResourcesSpec
 

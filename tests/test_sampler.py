@@ -16,7 +16,8 @@ from collections import Counter
 import pytest
 import torch
 
-from batchgen.engine import Request, _Sampler
+from batchgen.engine import Request
+from batchgen.sampling import Sampler as _Sampler
 from batchgen.spec import GenerationSpec
 
 SEEDS = 4000  # samples per distribution: 120+ expected draws for every token allowed below
