@@ -36,6 +36,26 @@ def plant(out: Storage, epoch: int = 1, **doc) -> None:
     out.write_json(epoch_path(epoch), {"epoch": epoch, "ttl_s": 60, **doc})
 
 
+def race(locks: list[JobLock]) -> list[JobLock]:
+    """Every lock tries to acquire at the same instant, each on its own thread; the winners."""
+    won, barrier = [], threading.Barrier(len(locks))
+
+    def one(lock):
+        barrier.wait()
+        try:
+            lock.acquire()
+            won.append(lock)
+        except LockHeld:
+            pass
+
+    threads = [threading.Thread(target=one, args=(lk,)) for lk in locks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return won
+
+
 def test_create_only_write_refuses_an_existing_object(out):
     assert out.create_bytes("x.json", b"1") is True
     assert out.create_bytes("x.json", b"2") is False
@@ -58,22 +78,7 @@ def test_second_holder_is_refused_with_the_holder_named(out):
 
 
 def test_of_many_racing_drivers_exactly_one_wins(out):
-    locks = [JobLock(out) for _ in range(8)]
-    won, barrier = [], threading.Barrier(len(locks))
-
-    def race(lock):
-        barrier.wait()
-        try:
-            lock.acquire()
-            won.append(lock)
-        except LockHeld:
-            pass
-
-    threads = [threading.Thread(target=race, args=(lk,)) for lk in locks]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    won = race([JobLock(out) for _ in range(8)])
     assert len(won) == 1
     won[0].release()
 
@@ -129,21 +134,7 @@ def test_racing_takeovers_of_one_stale_lock_have_one_winner(out):
         plant(out, 1 + trial * 10, holder=f"stale-{trial}", host="elsewhere", pid=1,
               heartbeat_at=time.time() - 600)
         locks = [JobLock(out, beat_s=3600) for _ in range(8)]
-        won, barrier = [], threading.Barrier(len(locks))
-
-        def race(lock):
-            barrier.wait()
-            try:
-                lock.acquire()
-                won.append(lock)
-            except LockHeld:
-                pass
-
-        threads = [threading.Thread(target=race, args=(lk,)) for lk in locks]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        won = race(locks)
         still_holding = []
         for lk in won:
             try:
