@@ -119,6 +119,7 @@ def _execute(job: Job, *, address: str | None, live: bool | None, log: Say | Non
     started_ray = False
     try:
         started_ray, local = _connect(address)
+        interrupts.reclaim()
         replicas = _placeable_replicas(spec, say, fixed_size=local)
         progress.start()
         out.write_json(layout.STATUS, progress.status())

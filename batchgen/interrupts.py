@@ -38,14 +38,24 @@ class Interrupts:
 
     def install(self) -> Callable[[], None]:
         """Route SIGTERM (Ray job stop, schedulers, kill) and SIGINT here; returns a function
-        that restores the previous handlers. Off the main thread signals cannot be handled, and
-        this does nothing."""
+        that restores the handlers from before. Off the main thread signals cannot be handled,
+        and this does nothing."""
         if threading.current_thread() is not threading.main_thread():
             return lambda: None
-        previous = {sig: signal.signal(sig, self.handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+        previous = {sig: signal.signal(sig, self.handler) for sig in _SIGNALS}
 
         def restore() -> None:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
         return restore
+
+    def reclaim(self) -> None:
+        """Take the signals back after a library set its own handlers: ``ray.init`` installs a
+        SIGTERM handler that exits the process (status 15, no cancelled status, lock kept)."""
+        if threading.current_thread() is threading.main_thread():
+            for sig in _SIGNALS:
+                signal.signal(sig, self.handler)
+
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)

@@ -598,3 +598,4 @@ def test_a_stop_held_by_a_failed_commit_does_not_cancel_the_next_one():
             raise OSError("storage went away mid-commit")
     with interrupts.critical():  # the next commit completes
         pass
+
