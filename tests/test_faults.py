@@ -108,6 +108,7 @@ def reference_shard(spec_raw: dict, tmp_path: Path, shard, batch_size: int):
 # -- Ray failures ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_actor_killed_mid_shard(ray_local, tiny_model, prompts_dir, tmp_path):
     out = tmp_path / "out"
@@ -179,6 +180,7 @@ NODE_LOSS = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_node_lost_mid_job(tiny_model, prompts_dir, tmp_path):
     out = tmp_path / "out"
@@ -231,6 +233,7 @@ def _kill_processes_under(path: str) -> None:
 # -- The driver dies ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_driver_sigkill_then_resume_and_a_second_driver_is_refused(tiny_model, tmp_path):
     from conftest import prompt_table
@@ -362,6 +365,7 @@ def test_exception_while_writing_leaves_nothing_visible(tiny_model, prompts_dir,
 # -- Storage outages and shards that keep failing ----------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.s3
 def test_s3_server_down_for_seconds_mid_job(ray_local, tiny_model, prompts_dir, seaweed):
@@ -388,6 +392,7 @@ def test_s3_server_down_for_seconds_mid_job(ray_local, tiny_model, prompts_dir, 
     assert store.exists("_SUCCESS")
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.s3
 def test_shard_failing_every_attempt_then_resume(ray_local, tiny_model, prompts_dir, s3_endpoint,
@@ -428,6 +433,7 @@ def test_shard_failing_every_attempt_then_resume(ray_local, tiny_model, prompts_
 # -- Row errors, retried -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_retry_failed_reruns_only_error_rows(ray_local, tiny_model, tmp_path):
     from test_worker import hazard_table
