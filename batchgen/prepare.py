@@ -46,20 +46,28 @@ def prepare(spec: JobSpec, as_given: JobSpec, out: Storage, lock: JobLock, *, fo
         check_unique_ids(spec, plan)
         out.write_json(layout.JOB, _job_doc(spec, plan))
         out.write_json(layout.PLAN, plan.to_json())
-    done_ids = {layout.shard_id_of(n) for n in out.list_names(layout.DONE)}
-    failed_ids = {layout.shard_id_of(n) for n in out.list_names(layout.FAILED)}
-    markers = load_markers(out, done_ids)
-    committer = Committer(out, lock, markers, failed_ids)
-    committer.clear_staging()
-    tasks = [Task(s) for s in plan.shards if s.shard_id not in done_ids]
-    if retry_failed:
-        tasks += [Task(s, redo_errors=markers[s.shard_id]["file"]) for s in plan.shards
-                  if s.shard_id in markers and markers[s.shard_id]["errors"] > 0]
-    if tasks:
-        committer.forget_completion(markers_change=retry_failed)
     progress = JobProgress(name=spec.name, output=spec.output.path,
                            total_shards=len(plan.shards), total_rows=plan.total_rows,
                            n=spec.generation.n)
+    try:  # job.json is there: from here on, a failure leaves a final status too
+        done_ids = {layout.shard_id_of(n) for n in out.list_names(layout.DONE)}
+        failed_ids = {layout.shard_id_of(n) for n in out.list_names(layout.FAILED)}
+        markers = load_markers(out, done_ids)
+        committer = Committer(out, lock, markers, failed_ids)
+        committer.clear_staging()
+        tasks = [Task(s) for s in plan.shards if s.shard_id not in done_ids]
+        if retry_failed:
+            tasks += [Task(s, redo_errors=markers[s.shard_id]["file"]) for s in plan.shards
+                      if s.shard_id in markers and markers[s.shard_id]["errors"] > 0]
+        if tasks:
+            committer.forget_completion(markers_change=retry_failed)
+    except Exception as e:
+        progress.finish("failed", f"preparing the run: {str(e).strip() or type(e).__name__}")
+        try:
+            out.write_json(layout.STATUS, progress.status())
+        except Exception:  # noqa: BLE001 - the error being raised says more than this one
+            pass
+        raise
     progress.resume_from(list(markers.values()))
     if done_ids:
         say(f"resuming: {len(done_ids)} of {len(plan.shards)} shards already committed")

@@ -184,3 +184,21 @@ def test_the_driver_imports_no_torch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+def test_a_failure_while_preparing_leaves_a_final_status(tmp_path, prompts_dir, monkeypatch):
+    from batchgen import prepare as prep
+
+    spec, out = _completed_echo_job(tmp_path, prompts_dir, errors=0)
+    for name in (layout.STATUS, layout.SUCCESS, layout.MANIFEST):  # a job not finished yet
+        out.remove(name)
+
+    def unreadable(*a):
+        raise OSError("storage went away")
+
+    monkeypatch.setattr(prep, "load_markers", unreadable)
+    with JobLock(out) as lock:
+        with pytest.raises(OSError):
+            prepare(spec, spec, out, lock, force=False, retry_failed=False, say=quiet)
+    status = read_status(spec.output.path)
+    assert status["state"] == "failed" and "storage went away" in status["error"]
