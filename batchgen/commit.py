@@ -9,7 +9,13 @@ overwrites rather than duplicates.
 
 The done markers are the truth about what is committed. ``done-index.json.gz`` holds all of them
 in one object, so a resume reads one object instead of one per shard; it is rewritten whenever a
-marker was added or replaced since the last write, at most every ``INDEX_EVERY_S``, and at exit.
+marker was added since the last write, at most every ``INDEX_EVERY_S``, and at exit. A run that
+replaces markers (``--retry-failed``) removes the index when it starts and writes it only at its
+end: a kill in between must leave the markers themselves as the truth, not an index that still
+holds markers replaced since.
+
+Every write here first makes sure the lock is still ours: a driver that was taken over writes
+nothing more into the output.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from batchgen import layout
+from batchgen.errors import StorageError
 from batchgen.lock import JobLock
 from batchgen.plan import Plan, Shard
 from batchgen.progress import now_iso
@@ -47,6 +54,7 @@ class Committer:
         self.failed_ids = failed_ids  # shards with a failed/ record from an earlier run
         self._unindexed = 0  # markers added or replaced since the index was last written
         self._last_index = time.monotonic()
+        self._replacing = False  # markers are being replaced: the index waits for the end
 
     def commit(self, task: Task, result: dict[str, Any], *, current: str | None,
                attempts: int) -> dict[str, Any] | None:
@@ -84,6 +92,7 @@ class Committer:
                 self.out.remove(staged)  # an attempt we gave up on: never reaches data/
 
     def record_failure(self, task: Task, attempts: int, reason: str) -> None:
+        self._check_lock()
         self.out.write_json(
             layout.failed_path(task.shard.shard_id),
             {**asdict(task.shard), "attempts": attempts, "error": reason,
@@ -92,24 +101,35 @@ class Committer:
 
     def clear_staging(self) -> None:
         """Staging left by a dead driver's attempts is garbage: only the lock holder commits."""
+        self._check_lock()
+        self.out.remove(layout.STAGING, recursive=True)
+
+    def _check_lock(self) -> None:
         if self.lock is not None:
             self.lock.check()
-        self.out.remove(layout.STAGING, recursive=True)
 
     def forget_completion(self, *, markers_change: bool) -> None:
         """A run with work to do: the job is not complete until it ends, whatever an earlier
         run left. When committed markers will be replaced (``--retry-failed``) the index goes
         too, so a kill before the next index write leaves the markers themselves as the truth."""
+        self._check_lock()
         self.out.remove(layout.SUCCESS)
         self.out.remove(layout.MANIFEST)
         if markers_change:
+            self._replacing = True
             self.out.remove(layout.INDEX)
 
     def maybe_write_index(self) -> None:
-        if self._unindexed and time.monotonic() - self._last_index >= INDEX_EVERY_S:
+        if (self._unindexed and not self._replacing
+                and time.monotonic() - self._last_index >= INDEX_EVERY_S):
             self.write_index()
 
-    def write_index(self) -> None:
+    def write_index(self, *, final: bool = False) -> None:
+        """Write the index (``final``: at the end of a run, also one that replaced markers)."""
+        if self.lock is not None and self.lock.lost:
+            return  # not ours any more
+        if self._replacing and not final:
+            return
         self._last_index = time.monotonic()
         try:
             blob = gzip.compress(json.dumps(list(self.markers.values())).encode(), compresslevel=1)
@@ -119,6 +139,7 @@ class Committer:
             pass
 
     def write_manifest(self, spec: JobSpec, plan: Plan) -> None:
+        self._check_lock()
         markers = [self.markers[s.shard_id] for s in plan.shards]
         self.out.write_json(layout.MANIFEST, manifest(spec, plan, markers))
         self.out.write_bytes(layout.SUCCESS, b"")
@@ -141,12 +162,28 @@ def load_markers(out: Storage, done_ids: set[str]) -> dict[str, dict[str, Any]]:
     return known
 
 
+MARKER_KEYS = ("shard_id", "file", "rows", "outputs", "errors", "prompt_tokens",
+               "generated_tokens")
+
+
 def read_markers(out: Storage, shard_ids: list[str]) -> list[dict[str, Any]]:
     if not shard_ids:
         return []
     paths = [out.path(layout.done_path(sid)) for sid in shard_ids]
     blobs = out.fs.cat(paths)  # concurrent on S3: one batch, not one round trip per shard
-    return [json.loads(blobs[p]) for p in paths]
+    markers = []
+    for sid, p in zip(shard_ids, paths):
+        try:
+            marker = json.loads(blobs[p])
+            missing = [k for k in MARKER_KEYS if k not in marker]
+        except (ValueError, TypeError):
+            marker, missing = None, ["(not a JSON object)"]
+        if missing or not isinstance(marker, dict):
+            raise StorageError(
+                f"{out.url_of(layout.done_path(sid))}: not a batchgen done marker (missing "
+                f"{', '.join(missing)}); remove it to run shard {sid} again")
+        markers.append(marker)
+    return markers
 
 
 def manifest(spec: JobSpec, plan: Plan, markers: list[dict[str, Any]]) -> dict[str, Any]:

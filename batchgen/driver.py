@@ -34,7 +34,6 @@ from batchgen.plan import Shard, output_storage, resolve_local_paths
 from batchgen.prepare import Job, Say, prepare, resume_command
 from batchgen.progress import Display, JobProgress
 from batchgen.spec import JobSpec
-from batchgen.storage import Storage
 
 IN_FLIGHT_PER_REPLICA = 2
 STATUS_EVERY_S = 2.0
@@ -99,21 +98,44 @@ def run_job(
     lock.acquire()  # before the plan is read: everything below is one driver's
     interrupts = Interrupts()
     restore_signals = interrupts.install()  # a stop while planning releases the lock too
+    job: Job | None = None
     try:
-        try:
-            job = prepare(spec, as_given, out, lock, force=force, retry_failed=retry_failed, say=say)
-        except KeyboardInterrupt:
-            raise Cancelled("cancelled before any work started; nothing was written") from None
+        job = prepare(spec, as_given, out, lock, force=force, retry_failed=retry_failed, say=say)
         _execute(job, address=address, live=live, log=log, say=say, interrupts=interrupts)
         return _finalize(job, started)
+    except KeyboardInterrupt:
+        if job is None:  # prepare recorded the state itself, if it had written job.json
+            raise Cancelled("cancelled while preparing the run; no shard ran. Run the same "
+                            "command again to start (or resume) it") from None
+        _final_status(job, lock, "cancelled", "stopped by the user")
+        raise Cancelled(
+            f"cancelled after {job.progress.done_shards}/{job.progress.total_shards} shards; "
+            f"they stay committed. Resume with: {resume_command(spec)}"
+        ) from None
+    except BaseException as e:
+        if job is not None:
+            _final_status(job, lock, "failed", _short(e, from_end=False) or type(e).__name__)
+        raise
     finally:
         restore_signals()
         lock.release()
 
 
+def _final_status(job: Job, lock: JobLock, state: str, message: str) -> None:
+    """Record how the run ended, unless it already did (a failed job) or the output is no
+    longer ours (another driver took it over: its status is not ours to write)."""
+    if lock.lost or job.progress.finished_at is not None:
+        return
+    job.progress.finish(state, message)
+    try:
+        job.out.write_json(layout.STATUS, job.progress.status())
+    except Exception:  # noqa: BLE001 - the error being raised says more than this one would
+        pass
+
+
 def _execute(job: Job, *, address: str | None, live: bool | None, log: Say | None, say: Say,
              interrupts: Interrupts) -> None:
-    """Run the pending shards on Ray. Every way out of here leaves a final status behind."""
+    """Run the pending shards on Ray."""
     spec, out, progress = job.spec, job.out, job.progress
     out.write_json(layout.STATUS, progress.status())
     started_ray = False
@@ -127,22 +149,11 @@ def _execute(job: Job, *, address: str | None, live: bool | None, log: Say | Non
             with Display(progress, live=live, log=log) as display:
                 scheduler = _Scheduler(spec, job.committer, progress, display, say, interrupts)
                 scheduler.run(job.tasks, replicas)
-    except KeyboardInterrupt:
-        progress.finish("cancelled", "stopped by the user")
-        out.write_json(layout.STATUS, progress.status())
-        raise Cancelled(
-            f"cancelled after {progress.done_shards}/{progress.total_shards} shards; they stay "
-            f"committed. Resume with: {resume_command(spec)}"
-        ) from None
-    except BaseException as e:
-        progress.finish("failed", str(e).strip().splitlines()[0] if str(e).strip() else
-                        type(e).__name__)
-        _write_status_quietly(out, progress)
-        raise
     finally:
-        job.committer.write_index()  # so the next resume reads one object, not every marker
-        if started_ray:
-            ray.shutdown()
+        with interrupts.critical():  # a stop now is taken once this is done
+            job.committer.write_index(final=True)  # the next resume reads one object
+            if started_ray:
+                ray.shutdown()
 
 
 def _finalize(job: Job, started: float) -> JobSummary:
@@ -161,15 +172,10 @@ def _finalize(job: Job, started: float) -> JobSummary:
         progress.finish("failed", msg)
         out.write_json(layout.STATUS, progress.status())
         raise JobFailed(msg)
-    try:
-        progress.state = "finalizing"
-        out.write_json(layout.STATUS, progress.status())
-        # Every marker is in hand: read at the start or written by this run; no second read.
-        job.committer.write_manifest(spec, job.plan)
-    except BaseException as e:
-        progress.finish("failed", f"finalizing: {e}")
-        _write_status_quietly(out, progress)
-        raise
+    progress.state = "finalizing"
+    out.write_json(layout.STATUS, progress.status())
+    # Every marker is in hand: read at the start or written by this run; no second read.
+    job.committer.write_manifest(spec, job.plan)
     progress.finish("completed")
     out.write_json(layout.STATUS, progress.status())
     return JobSummary(
@@ -183,13 +189,6 @@ def _finalize(job: Job, started: float) -> JobSummary:
         tokens_per_second=progress.tokens_per_second,
         seconds=time.monotonic() - started,
     )
-
-
-def _write_status_quietly(out: Storage, progress: JobProgress) -> None:
-    try:
-        out.write_json(layout.STATUS, progress.status())
-    except Exception:  # noqa: BLE001 - the error being raised says more than this one would
-        pass
 
 
 def _connect(address: str | None) -> tuple[bool, bool]:
@@ -421,7 +420,8 @@ class _Scheduler:
         self.committer.maybe_write_index()
 
 
-def _short(error: BaseException, limit: int = 500) -> str:
+def _short(error: BaseException, limit: int = 500, *, from_end: bool = True) -> str:
+    """One line of an error: the last (a remote traceback ends with the cause) or the first."""
     text = str(error).strip().splitlines()
-    msg = text[-1] if text else type(error).__name__
+    msg = (text[-1] if from_end else text[0]) if text else type(error).__name__
     return msg[:limit]

@@ -16,6 +16,10 @@ A document is stale when it is released, has had no heartbeat for ``ttl_s`` seco
 to a process that is gone: same host, same boot and same pid namespace, and that pid no longer
 exists (a driver killed with SIGKILL; its resume need not wait out the TTL). Containers that
 share a hostname but not a pid namespace (host networking) never take that shortcut.
+
+Drivers of earlier batchgen versions know only ``_batchgen/lock.json``: the holder keeps a copy
+of its document there too (written at every heartbeat, removed when it releases), so they see a
+live lock and refuse, and a live ``lock.json`` of theirs is respected here.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ class JobLock:
         self.epoch: int | None = None
         self.lost: str | None = None  # set when another driver took the lock from us
         self._stop = threading.Event()
+        self._writing = threading.Lock()  # a heartbeat never lands after the release
         self._thread: threading.Thread | None = None
         self._started = time.time()
 
@@ -83,6 +88,7 @@ class JobLock:
             if self.out.create_bytes(epoch_path(epoch + 1), self._doc(epoch + 1)):
                 self.epoch = epoch + 1
                 self._forget_older()
+                self.out.write_bytes(layout.LEGACY_LOCK, self._doc(self.epoch))
                 self._start_heartbeat()
                 return
         raise LockHeld(f"output {self.out.url}: other drivers keep taking the lock; try again")
@@ -107,8 +113,12 @@ class JobLock:
         if self.epoch is None:
             return
         try:
-            self.check()
-            self.out.write_bytes(epoch_path(self.epoch), self._doc(self.epoch, released=True))
+            with self._writing:
+                self.check()
+                self.out.write_bytes(epoch_path(self.epoch), self._doc(self.epoch, released=True))
+                legacy = json.loads(self.out.read_bytes(layout.LEGACY_LOCK))
+                if legacy.get("holder") == self.holder:
+                    self.out.remove(layout.LEGACY_LOCK)
         except Exception:  # noqa: BLE001
             pass
 
@@ -170,7 +180,6 @@ class JobLock:
             stem = name.removesuffix(".json")
             if stem.isdigit() and int(stem) < (self.epoch or 0):
                 self.out.remove(f"{layout.LOCK_DIR}/{name}")
-        self.out.remove(layout.LEGACY_LOCK)
 
     def _start_heartbeat(self) -> None:
         self._thread = threading.Thread(target=self._beat, name="batchgen-lock", daemon=True)
@@ -179,8 +188,13 @@ class JobLock:
     def _beat(self) -> None:
         while not self._stop.wait(self.beat_s):
             try:
-                self.check()
-                self.out.write_bytes(epoch_path(self.epoch), self._doc(self.epoch))
+                with self._writing:
+                    if self._stop.is_set():
+                        return
+                    self.check()
+                    doc = self._doc(self.epoch)
+                    self.out.write_bytes(epoch_path(self.epoch), doc)
+                    self.out.write_bytes(layout.LEGACY_LOCK, doc)
             except LockLost:
                 return
             except Exception:  # noqa: BLE001 - a missed beat is retried; storage may be down

@@ -122,8 +122,9 @@ def test_a_legacy_lock_of_a_live_driver_is_respected(tmp_path):
         JobLock(out).acquire()
     out.write_json(layout.LEGACY_LOCK, {"holder": "v1", "host": "elsewhere", "pid": 3,
                                         "heartbeat_at": time.time() - 600, "ttl_s": 60})
-    with JobLock(out):
-        assert not out.exists(layout.LEGACY_LOCK)
+    with JobLock(out) as lock:  # stale: taken, and our document stands there for old drivers
+        assert json.loads(out.read_bytes(layout.LEGACY_LOCK))["holder"] == lock.holder
+    assert not out.exists(layout.LEGACY_LOCK)
 
 
 def test_racing_takeovers_of_one_stale_lock_have_one_winner(out):
