@@ -8,11 +8,11 @@ shard's first global row index, from which row ids are derived when the input ha
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import json
 import os
 import posixpath
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -141,7 +141,6 @@ def current_fingerprint(spec: JobSpec, version: int = FINGERPRINT_VERSION,
     without re-planning. ``version`` 1 reproduces what earlier batchgen versions stored, from
     the spec as the user spelled it (``as_given``), so their jobs still resume."""
     prompts.needed_columns(spec.input)  # the template is still checked before any work
-    check_output_outside_input(spec)
     if version == 1:
         legacy = as_given or spec
         listed = list_input_files(legacy.input.path, input_options(legacy), legacy.input.format,
@@ -202,19 +201,46 @@ def resolve_local_paths(spec: JobSpec) -> JobSpec:
 
 
 def check_output_outside_input(spec: JobSpec) -> None:
-    """An output inside the input directory would read its own outputs as inputs on the next
-    run (and then refuse to resume: "changed: input")."""
+    """An output whose files the input path would list reads its own outputs as inputs on the
+    next run (and then refuses to resume: "changed: input"). Checked when a job is planned."""
     resolved = resolve_local_paths(spec)
     inp, out = resolved.input.path.rstrip("/"), resolved.output.path.rstrip("/")
     if set(inp) & _GLOB_CHARS:
-        fixed = inp[:min(inp.index(c) for c in _GLOB_CHARS if c in inp)]
-        if not (out + "/").startswith(fixed) or not fnmatch.fnmatch(
-                f"{out}/{layout.data_path('000000')}", inp):
-            return
-    elif not (out + "/").startswith(inp + "/"):
-        return
-    raise SpecError(f"output.path {spec.output.path} is inside input.path {spec.input.path}: "
-                    "its outputs would become inputs of the next run; write the output elsewhere")
+        listed = re.fullmatch(_glob_regex(inp), f"{out}/{layout.data_path('000000')}") is not None
+    else:  # a directory is listed recursively, skipping _hidden and .hidden folders
+        inside = (out + "/").startswith(inp + "/")
+        listed = inside and not _hidden(posixpath.relpath(out, inp) if out != inp else "")
+    if listed:
+        raise SpecError(f"output.path {spec.output.path} is inside input.path {spec.input.path}: "
+                        "its outputs would become inputs of the next run; write the output "
+                        "elsewhere (or in a folder whose name starts with _)")
+
+
+def _glob_regex(pattern: str) -> str:
+    """A glob as fsspec matches it: ``*`` and ``?`` stay inside one folder, ``**`` crosses them."""
+    parts, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            parts.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            parts.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            parts.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            parts.append("[^/]")
+            i += 1
+        elif pattern[i] == "[" and "]" in pattern[i + 1:]:
+            end = pattern.index("]", i + 1)
+            body = pattern[i + 1:end]
+            parts.append("[" + ("^" + body[1:] if body.startswith("!") else body) + "]")
+            i = end + 1
+        else:
+            parts.append(re.escape(pattern[i]))
+            i += 1
+    return "".join(parts)
 
 
 def _digest(value: Any) -> str:

@@ -15,7 +15,8 @@ from batchgen.errors import BatchgenError, StorageError
 from batchgen.lock import JobLock
 from batchgen.modelcache import local_model
 from batchgen.modelcheck import check_model
-from batchgen.plan import Plan, check_unique_ids, current_fingerprint, make_plan
+from batchgen.plan import (FINGERPRINT_VERSION, Plan, check_unique_ids, current_fingerprint,
+                           make_plan)
 from batchgen.progress import JobProgress, now_iso
 from batchgen.spec import JobSpec
 from batchgen.storage import Storage, redact
@@ -40,16 +41,17 @@ def prepare(spec: JobSpec, as_given: JobSpec, out: Storage, lock: JobLock, *, fo
             retry_failed: bool, say: Say) -> Job:
     """The job as it stands: checked, recorded, and what is left to run. Everything cheap is
     checked before any replica starts, and before anything is written."""
-    plan, is_new = _plan_or_resume(spec, as_given, out, force, say)
+    plan, is_new, job_doc = _plan_or_resume(spec, as_given, out, force, say)
     check_model(local_model(spec, weights=False)[0], spec.generation, spec.input)
-    if is_new:  # written before any generation, and only once everything checked out
+    if is_new:
         check_unique_ids(spec, plan)
-        out.write_json(layout.JOB, _job_doc(spec, plan))
+    if job_doc is not None:  # written before any generation, once everything checked out
+        out.write_json(layout.JOB, job_doc)
         out.write_json(layout.PLAN, plan.to_json())
     progress = JobProgress(name=spec.name, output=spec.output.path,
                            total_shards=len(plan.shards), total_rows=plan.total_rows,
                            n=spec.generation.n)
-    try:  # job.json is there: from here on, a failure leaves a final status too
+    try:  # job.json is there: from here on, a failure or a stop leaves a final status too
         done_ids = {layout.shard_id_of(n) for n in out.list_names(layout.DONE)}
         failed_ids = {layout.shard_id_of(n) for n in out.list_names(layout.FAILED)}
         markers = load_markers(out, done_ids)
@@ -61,8 +63,11 @@ def prepare(spec: JobSpec, as_given: JobSpec, out: Storage, lock: JobLock, *, fo
                       if s.shard_id in markers and markers[s.shard_id]["errors"] > 0]
         if tasks:
             committer.forget_completion(markers_change=retry_failed)
-    except Exception as e:
-        progress.finish("failed", f"preparing the run: {str(e).strip() or type(e).__name__}")
+    except BaseException as e:
+        if isinstance(e, KeyboardInterrupt):
+            progress.finish("cancelled", "stopped by the user while preparing the run")
+        else:
+            progress.finish("failed", f"preparing the run: {str(e).strip() or type(e).__name__}")
         try:
             out.write_json(layout.STATUS, progress.status())
         except Exception:  # noqa: BLE001 - the error being raised says more than this one
@@ -83,13 +88,18 @@ def resume_command(spec: JobSpec, *, retry_failed: bool = False) -> str:
 
 
 def _plan_or_resume(spec: JobSpec, as_given: JobSpec, out: Storage, force: bool,
-                    say: Say) -> tuple[Plan, bool]:
-    """The stored plan if this output already holds this job, else a new one (not yet written).
+                    say: Say) -> tuple[Plan, bool, dict[str, Any] | None]:
+    """(plan, whether it is new, the job.json to write with it or None). The stored plan if
+    this output already holds this job, else a new one. Nothing is written here: the caller
+    writes once the model check has passed too.
 
-    A stored plan is never re-cut: shard ids and row ranges stay as they were."""
+    A stored plan is never re-cut: shard ids and row ranges stay as they were. A plan of an
+    earlier fingerprint version that matches is brought to the current one (same shards), so
+    from then on every output-changing key is watched."""
     stored = out.read_json_or_none(layout.PLAN)
     if stored is None:
-        return make_plan(spec), True
+        plan = make_plan(spec)
+        return plan, True, _job_doc(spec, plan)
     try:
         old = Plan.from_json(stored)
     except BatchgenError:
@@ -97,9 +107,20 @@ def _plan_or_resume(spec: JobSpec, as_given: JobSpec, out: Storage, force: bool,
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise StorageError(f"{out.url_of(layout.PLAN)}: not a batchgen plan ({type(e).__name__}: "
                            f"{e}); use a new output.path or remove the old output") from None
+    if old.fingerprint_version > FINGERPRINT_VERSION:
+        raise StorageError(
+            f"{out.url_of(layout.PLAN)} was written by a newer batchgen (fingerprint version "
+            f"{old.fingerprint_version}; this one knows {FINGERPRINT_VERSION}); resume it with "
+            "that version")
     fingerprint, parts = current_fingerprint(spec, old.fingerprint_version, as_given)
     if old.fingerprint == fingerprint:
-        return old, False
+        if old.fingerprint_version == FINGERPRINT_VERSION:
+            return old, False, None
+        fingerprint, parts = current_fingerprint(spec)
+        upgraded = Plan(fingerprint, parts, old.files, old.shards)
+        return upgraded, False, {**_job_doc(spec, upgraded),
+                                 "upgraded_from": {"fingerprint": old.fingerprint,
+                                                   "fingerprint_version": old.fingerprint_version}}
     changed = [k for k, v in parts.items() if old.fingerprint_parts.get(k) != v]
     if not force:
         raise StorageError(
@@ -111,9 +132,7 @@ def _plan_or_resume(spec: JobSpec, as_given: JobSpec, out: Storage, force: bool,
         "outputs, the rest run with the new settings")
     fingerprint, parts = current_fingerprint(spec)
     forced = Plan(fingerprint, parts, old.files, old.shards)
-    out.write_json(layout.JOB, {**_job_doc(spec, forced), "forced_from": old.fingerprint})
-    out.write_json(layout.PLAN, forced.to_json())
-    return forced, False
+    return forced, False, {**_job_doc(spec, forced), "forced_from": old.fingerprint}
 
 
 def _job_doc(spec: JobSpec, plan: Plan) -> dict[str, Any]:

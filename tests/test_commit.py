@@ -172,7 +172,7 @@ def test_sigterm_while_planning_releases_the_lock(tmp_path, prompts_dir):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 130, text
-    assert "cancelled before any work started" in text
+    assert "cancelled while preparing the run; no shard ran" in text
     docs = [json.loads(p.read_text()) for p in (out / "_batchgen" / "lock").iterdir()]
     assert docs and all(d.get("released_at") for d in docs)
     assert not (out / "job.json").exists()
@@ -202,3 +202,90 @@ def test_a_failure_while_preparing_leaves_a_final_status(tmp_path, prompts_dir, 
             prepare(spec, spec, out, lock, force=False, retry_failed=False, say=quiet)
     status = read_status(spec.output.path)
     assert status["state"] == "failed" and "storage went away" in status["error"]
+
+
+def test_a_retry_run_writes_the_index_only_at_its_end(tmp_path, monkeypatch):
+    """A replaced marker must never sit in an index older than it when the driver is killed:
+    a retry run (markers replaced) writes the index at its end only, not every minute."""
+    import batchgen.commit as commit
+
+    out = output_storage(parse_spec(spec_dict("in", str(tmp_path / "out"), "m")))
+    first = Committer(out, None, {}, set())
+    first.commit(Task(SHARD), {**staged(out, "a1"), "errors": 3}, current="a1", attempts=1)
+    first.write_index(final=True)
+    retry = Committer(out, None, load_markers(out, {SHARD.shard_id}), set())
+    retry.forget_completion(markers_change=True)
+    monkeypatch.setattr(commit, "INDEX_EVERY_S", 0.0)
+    retry.commit(Task(SHARD, redo_errors="x"), {**staged(out, "a2"), "errors": 1}, current="a2",
+                 attempts=1)
+    retry.maybe_write_index()
+    assert not out.exists(layout.INDEX)  # a kill here: the markers are the truth
+    retry.commit(Task(SHARD, redo_errors="x"), staged(out, "a3"), current="a3", attempts=1)
+    retry.write_index(final=True)
+    out.remove(layout.done_path(SHARD.shard_id))
+    assert load_markers(out, {SHARD.shard_id})[SHARD.shard_id]["errors"] == 0
+
+
+def test_a_corrupt_done_marker_is_named(tmp_path):
+    out = output_storage(parse_spec(spec_dict("in", str(tmp_path / "out"), "m")))
+    out.write_bytes(layout.done_path("000003"), b"{not json")
+    with pytest.raises(BatchgenError, match="000003.json: not a batchgen done marker"):
+        load_markers(out, {"000003"})
+    out.write_json(layout.done_path("000003"), {"shard_id": "000003"})
+    with pytest.raises(BatchgenError, match="missing file, rows"):
+        load_markers(out, {"000003"})
+
+
+def test_force_writes_nothing_until_the_model_check_passes(tmp_path, prompts_dir):
+    spec, out = _completed_echo_job(tmp_path, prompts_dir, errors=0)
+    before = out.read_bytes(layout.JOB)
+    raw = json.loads(json.dumps(spec.model_dump(mode="json")))
+    raw["generation"]["max_new_tokens"] = 7
+    raw["model"] = {"path": str(tmp_path / "no-such-model")}
+    with JobLock(out) as lock, pytest.raises(BatchgenError, match="no-such-model"):
+        prepare(parse_spec(raw), parse_spec(raw), out, lock, force=True, retry_failed=False,
+                say=quiet)
+    assert out.read_bytes(layout.JOB) == before
+
+
+def test_a_plan_of_an_earlier_version_is_brought_up_to_date(tmp_path, prompts_dir):
+    from batchgen.plan import FINGERPRINT_VERSION, Plan, _digest, current_fingerprint
+
+    spec, out = _completed_echo_job(tmp_path, prompts_dir, errors=0)
+    old = out.read_json(layout.PLAN)
+    del old["fingerprint_version"]  # as batchgen wrote it before fingerprint version 2
+    old["fingerprint_parts"] = current_fingerprint(spec, version=1)[1]
+    old["fingerprint"] = _digest(old["fingerprint_parts"])
+    out.write_json(layout.PLAN, old)
+    with JobLock(out) as lock:
+        job = prepare(spec, spec, out, lock, force=False, retry_failed=False, say=quiet)
+    assert job.tasks == []
+    stored = Plan.from_json(out.read_json(layout.PLAN))
+    assert stored.fingerprint_version == FINGERPRINT_VERSION
+    assert stored.shards == job.plan.shards and stored.fingerprint == current_fingerprint(spec)[0]
+    assert out.read_json(layout.JOB)["upgraded_from"]["fingerprint"] == old["fingerprint"]
+
+    newer = {**out.read_json(layout.PLAN), "fingerprint_version": FINGERPRINT_VERSION + 1}
+    out.write_json(layout.PLAN, newer)
+    with JobLock(out) as lock, pytest.raises(BatchgenError, match="written by a newer batchgen"):
+        prepare(spec, spec, out, lock, force=True, retry_failed=False, say=quiet)
+
+
+def test_a_driver_taken_over_leaves_the_status_to_the_new_holder(tmp_path, prompts_dir):
+    from batchgen.driver import _final_status
+
+    spec, out = _completed_echo_job(tmp_path, prompts_dir, errors=2)
+    lock = JobLock(out, beat_s=3600)
+    lock.acquire()
+    job = prepare(spec, spec, out, lock, force=False, retry_failed=True, say=quiet)
+    out.write_json(epoch_path(lock.epoch + 1), {"holder": "new", "host": "elsewhere", "pid": 5,
+                                                "heartbeat_at": time.time(), "ttl_s": 60})
+    out.write_json(layout.STATUS, {"state": "in_progress", "by": "the new holder"})
+    with pytest.raises(LockLost):
+        job.committer.record_failure(job.tasks[0], 3, "boom")
+    _final_status(job, lock, "failed", "stopping: the lock was taken over")
+    job.committer.write_index(final=True)
+    assert out.read_json(layout.STATUS)["by"] == "the new holder"
+    assert not out.exists(layout.failed_path(job.tasks[0].shard.shard_id))
+    assert not out.exists(layout.INDEX)
+    lock.release()

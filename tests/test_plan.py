@@ -200,6 +200,10 @@ def test_a_fifo_in_the_input_directory_is_refused_not_waited_on(prompts_dir):
     ("{d}/", "{d}/sub/out", True),
     ("{d}/**/*.parquet", "{d}/out", True),
     ("{d}/part-*.parquet", "{d}/out", False),  # the glob cannot match data/part-*.parquet
+    ("{d}/*.parquet", "{d}/out", False),  # * stays inside one folder, as fsspec globs
+    ("{d}/**/*.parquet", "{d}/_out", True),  # a glob lists _folders too
+    ("{d}", "{d}/_out", False),  # a directory listing skips _folders
+    ("{d}", "{d}/.out", False),
     ("{d}", "{d}-out", False),
     ("{d}/part-0.parquet", "{d}/out", False),
 ])
