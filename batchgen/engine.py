@@ -146,7 +146,7 @@ class Engine:
     ) -> Engine:
         lm, tokenizer = load_model(model, resources)
         budget = input_budget(model, generation,
-                              context_length(lm.config.to_dict(), tokenizer.model_max_length))
+                              context_length(lm.config, tokenizer.model_max_length))
         return cls(
             lm,
             tokenizer,

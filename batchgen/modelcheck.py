@@ -24,6 +24,8 @@ from batchgen.errors import ModelError
 from batchgen.spec import GenerationSpec, InputSpec, ModelSpec
 
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+# What some configs call it in their JSON (transformers maps these names through attribute_map).
+_CONTEXT_ALIASES = ("context_length", "max_seq_len", "model_max_length")
 
 
 @dataclass(frozen=True)
@@ -91,14 +93,18 @@ def model_files(model: ModelSpec) -> ModelFiles:
     return ModelFiles(config, tok_config, template or None, _file(model, "tokenizer.json"))
 
 
-def context_length(config: dict[str, Any], model_max_length: Any = None) -> int | None:
-    """The model's context in tokens, from its config (or its text config), else the
-    tokenizer's model_max_length."""
-    for section in (config, config.get("text_config") or {}):
-        for name in _CONTEXT_KEYS:
-            value = section.get(name)
-            if isinstance(value, int) and value > 0:
-                return value
+def context_length(config: Any, model_max_length: Any = None) -> int | None:
+    """The model's context in tokens, from its config, else the tokenizer's model_max_length.
+
+    ``config`` is a loaded transformers config (read by attribute, so ``attribute_map`` aliases
+    apply) or the dict of a config.json (read by key, aliases included)."""
+    if isinstance(config, dict):
+        found = [config.get(n) for n in (*_CONTEXT_KEYS, *_CONTEXT_ALIASES)]
+    else:
+        found = [getattr(config, n, None) for n in _CONTEXT_KEYS]
+    for value in found:
+        if isinstance(value, int) and value > 0:
+            return value
     ok = isinstance(model_max_length, int) and 0 < model_max_length < 10**7
     return model_max_length if ok else None
 
@@ -139,10 +145,9 @@ def check_model(model: ModelSpec, gen: GenerationSpec, inp: InputSpec) -> dict[s
     if files.tokenizer_json is None and not tok:
         raise ModelError(f"model.path {model.path}: cannot load the tokenizer: no tokenizer.json "
                          "or tokenizer_config.json")
-    has_eos = _token(tok.get("eos_token")) or _token(tok.get("pad_token")) or isinstance(
-        files.config.get("eos_token_id"), (int, list))
-    if not has_eos:
-        raise ModelError(f"model.path {model.path}: the tokenizer has neither a pad nor an EOS token")
+    # (No check for a pad or EOS token here: transformers also finds them in
+    # special_tokens_map.json and in the tokenizer class's defaults; the replica's tokenizer load
+    # refuses a model with neither.)
     if inp.chat and not files.chat_template:
         raise ModelError(
             f"input.chat is true but {model.path} has no chat template; set input.chat: false "

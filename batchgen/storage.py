@@ -37,15 +37,17 @@ def storage_options(url: str, endpoint_url: str | None = None, extra: dict | Non
 
 
 _SECRET_WORDS = ("key", "secret", "token", "password", "credential", "session")
-# Names with a secret word that name no secret: the KMS key id of server-side encryption.
-_NOT_SECRETS = ("ssekmskeyid", "sse_kms_key_id")
+# Names with a secret word that name no secret: the KMS key id of server-side encryption, the
+# checksum of a customer key (the key itself, SSECustomerKey, is a secret).
+_NOT_SECRETS = ("ssekmskeyid", "sse_kms_key_id", "ssecustomerkeymd5")
 REDACTED = "<redacted>"
 
 
 def _is_secret(key: Any, value: Any) -> bool:
     name = str(key).lower()
+    # A yes/no or a number is a setting (BucketKeyEnabled: true), never a credential.
     return (any(w in name for w in _SECRET_WORDS) and name not in _NOT_SECRETS
-            and not isinstance(value, (dict, list)))
+            and not isinstance(value, (dict, list, bool, int, float)) and value is not None)
 
 
 def redact(options: Any) -> Any:

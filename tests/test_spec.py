@@ -140,3 +140,14 @@ def test_a_kms_key_id_is_no_credential(tmp_path):
     assert spec.storage.options["s3_additional_kwargs"]["SSEKMSKeyId"] == "k1"
     msg = error_of(tmp_path, GOOD + "storage: {options: {profile: p, token: t}}\n")
     assert "(storage.options.token)" in msg and "profile" not in msg.split(";")[0]
+
+
+def test_encryption_settings_are_no_credentials(tmp_path):
+    """Real S3 options whose names hold "key": a bucket-key switch, a customer key's checksum."""
+    opts = ("storage: {options: {s3_additional_kwargs: {ServerSideEncryption: 'aws:kms', "
+            "BucketKeyEnabled: true, SSECustomerKeyMD5: abc}}}\n")
+    spec = load_spec(write(tmp_path, GOOD + opts))
+    assert spec.storage.options["s3_additional_kwargs"]["BucketKeyEnabled"] is True
+    msg = error_of(tmp_path, GOOD + "storage: {options: {s3_additional_kwargs: "
+                   "{SSECustomerKey: secret}}}\n")
+    assert "storage.options.s3_additional_kwargs.SSECustomerKey" in msg
