@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from batchgen import layout
 from batchgen.errors import StorageError
 from batchgen.storage import REDACTED, Storage, storage_options
 
@@ -52,9 +53,9 @@ def _read_json(out: Storage, name: str, shape: dict[str, type]) -> dict[str, Any
 
 
 def _status_doc(out: Storage) -> dict[str, Any] | None:
-    status = _read_json(out, "status.json", {"state": str, "shards": dict, "request_counts": dict})
+    status = _read_json(out, layout.STATUS, {"state": str, "shards": dict, "request_counts": dict})
     if status is not None and not isinstance(status["shards"].get("total"), int):
-        raise StorageError(f"{out.url_of('status.json')}: missing or malformed shards.total; it "
+        raise StorageError(f"{out.url_of(layout.STATUS)}: missing or malformed shards.total; it "
                            "was damaged or is not batchgen's")
     return status
 
@@ -62,13 +63,13 @@ def _status_doc(out: Storage) -> dict[str, Any] | None:
 def read_status(output: str, endpoint_url: str | None = None) -> dict[str, Any]:
     out = _output(output, endpoint_url)
     status = _status_doc(out)
-    plan = _read_json(out, "plan.json", {"shards": list}) if status is None else None
+    plan = _read_json(out, layout.PLAN, {"shards": list}) if status is None else None
     if status is None and plan is None:
         raise StorageError(f"{output}: no batchgen job here (no status.json or plan.json)")
     try:
-        done = out.list_names("_batchgen/done")
-        failed = out.list_names("_batchgen/failed")
-        succeeded = out.exists("_SUCCESS")
+        done = out.list_names(layout.DONE)
+        failed = out.list_names(layout.FAILED)
+        succeeded = out.exists(layout.SUCCESS)
     except OSError as e:
         raise StorageError(f"{output}: cannot list the job's commit markers: {e}") from None
     if status is None:  # planned, but the driver never wrote a status
@@ -92,16 +93,16 @@ def head_rows(output: str, n: int, endpoint_url: str | None = None) -> list[dict
 
     out = _output(output, endpoint_url)
     try:
-        names = [x for x in out.list_names("data") if x.endswith(".parquet")]
+        names = [x for x in out.list_names(layout.DATA) if x.endswith(".parquet")]
     except OSError as e:
         raise StorageError(f"{output}/data: cannot list it: {e}") from None
     if not names:
         raise StorageError(f"{output}: no committed output yet (data/ is empty)")
     rows: list[dict[str, Any]] = []
     for name in names:
-        where = out.url_of("data", name)
+        where = out.url_of(layout.DATA, name)
         try:
-            with out.open_read(f"data/{name}") as f:
+            with out.open_read(f"{layout.DATA}/{name}") as f:
                 # pq.read_table on a Python file object aborts the process at exit (pyarrow 26)
                 pf = pq.ParquetFile(f)
                 missing = [c for c in SHOWN_COLUMNS if c not in pf.schema_arrow.names]
@@ -134,17 +135,17 @@ def stored_spec(output: str, endpoint_url: str | None = None, overrides: list[st
     from batchgen.specfile import apply_overrides, parse_spec
 
     out = _output(output, endpoint_url)
-    job = _read_json(out, "job.json", {"spec": dict})
+    job = _read_json(out, layout.JOB, {"spec": dict})
     if job is None:
         raise StorageError(f"{output}: no batchgen job here to resume (no job.json)")
     data = job["spec"]
     for section in ("storage", "output"):
         if not isinstance(data.setdefault(section, {}), dict):
-            raise StorageError(f"{out.url_of('job.json')}: spec.{section} is not a mapping; it "
+            raise StorageError(f"{out.url_of(layout.JOB)}: spec.{section} is not a mapping; it "
                                "was damaged or is not batchgen's")
     storage = data["storage"]
     storage["options"] = _drop_redacted(storage.get("options") or {})
     if endpoint_url and not storage.get("endpoint_url"):
         storage["endpoint_url"] = endpoint_url
     data["output"]["path"] = output  # where it was found, even if it was moved
-    return parse_spec(apply_overrides(data, overrides or []), source=f"{output}/job.json")
+    return parse_spec(apply_overrides(data, overrides or []), source=out.url_of(layout.JOB))
