@@ -2,7 +2,7 @@
 
 Contract: ``estimate_prompt_tokens`` renders the first rows of the input exactly as a replica
 would (template, few-shot examples, chat template) and counts their tokens with the model's own
-``tokenizer.json`` (``batchgen.modelcheck.load_tokenizer``, torch-free); it reads the tokenizer
+``tokenizer.json`` (``batchgen.modelcheck.light_tokenizer``, torch-free); it reads the tokenizer
 files only, never the weights. Neither torch nor ``batchgen.engine`` is imported here, so
 ``batchgen plan`` stays quick; only a model without ``tokenizer.json`` (a slow, sentencepiece-only
 tokenizer) falls back to transformers, which imports torch.
@@ -40,10 +40,10 @@ def estimate_prompt_tokens(spec: JobSpec, plan: Plan, sample: int = 256) -> floa
 
 
 def _tokenizer(spec: JobSpec) -> Any:
-    from batchgen.modelcheck import load_tokenizer
+    from batchgen.modelcheck import light_tokenizer
 
     model = local_model(spec, weights=False)[0]
-    tokenizer = load_tokenizer(model)
+    tokenizer = light_tokenizer(model)
     if tokenizer is None:  # no tokenizer.json: only transformers can read it
         from batchgen.loading import load_tokenizer as load_with_transformers
 

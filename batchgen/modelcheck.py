@@ -7,7 +7,7 @@ the special tokens and the chat template. Those are JSON and Jinja2 files, read 
 A model whose files pass this check may still fail to load in a replica (unknown architecture,
 bad weights); the driver reports that as a failed start.
 
-``load_tokenizer`` gives a tokenizer that is enough to count tokens (the ``tokenizers`` library
+``light_tokenizer`` gives a tokenizer that is enough to count tokens (the ``tokenizers`` library
 on ``tokenizer.json``) and to render the chat template (Jinja2, as transformers renders it), for
 ``batchgen plan``'s estimate.
 """
@@ -178,17 +178,21 @@ class LightTokenizer:
         return {"input_ids": [e.ids for e in encoded]}
 
     def apply_chat_template(self, messages: list[dict[str, Any]], tokenize: bool = False,
-                            add_generation_prompt: bool = True, **kwargs: Any) -> str:
-        if tokenize:
-            raise NotImplementedError("LightTokenizer renders templates to text only")
+                            add_generation_prompt: bool = True,
+                            **kwargs: Any) -> str | dict[str, list[int]]:
+        """The rendered conversation, or with ``tokenize`` ``{"input_ids": [...]}`` as
+        transformers 5 returns it (the template writes the special tokens, so none are added)."""
         if not self.chat_template:
             raise ModelError("the model has no chat template")
-        return _chat_env().from_string(self.chat_template).render(
+        text = _chat_env().from_string(self.chat_template).render(
             messages=messages, add_generation_prompt=add_generation_prompt, **self.special,
             **kwargs)
+        if not tokenize:
+            return text
+        return {"input_ids": self._tok.encode(text, add_special_tokens=False).ids}
 
 
-def load_tokenizer(model: ModelSpec) -> LightTokenizer | None:
+def light_tokenizer(model: ModelSpec) -> LightTokenizer | None:
     """A torch-free tokenizer for estimates, or None when the model has no tokenizer.json
     (a slow, sentencepiece-only tokenizer)."""
     files = model_files(model)

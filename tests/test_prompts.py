@@ -176,3 +176,23 @@ print(estimate_prompt_tokens(spec, make_plan(spec)), 'torch' in sys.modules)
     assert out.returncode == 0, out.stderr
     per_row, torch_loaded = out.stdout.split()
     assert float(per_row) > 5 and torch_loaded == "False"  # the null row is left out
+
+
+def test_the_light_tokenizer_counts_and_renders_as_transformers_does(tiny_model):
+    """The plan's torch-free tokenizer must agree with the replicas' (transformers)."""
+    from batchgen.loading import load_tokenizer
+    from batchgen.modelcheck import light_tokenizer
+    from batchgen.spec import ModelSpec
+
+    model = ModelSpec(path=tiny_model)
+    light, full = light_tokenizer(model), load_tokenizer(model)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Tea?"}]
+    assert light.apply_chat_template(messages) == full.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True)
+    assert light.apply_chat_template(messages, tokenize=True)["input_ids"] == list(
+        full.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"])
+    texts = ["Write one sentence about rivers.", "ünïcode and  spaces\n"]
+    for special in (True, False):
+        assert light(texts, add_special_tokens=special)["input_ids"] == [
+            list(x) for x in full(texts, add_special_tokens=special)["input_ids"]]
