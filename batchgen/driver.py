@@ -31,7 +31,7 @@ from batchgen.errors import BatchgenError, Cancelled, JobFailed
 from batchgen.interrupts import Interrupts
 from batchgen.lock import JobLock
 from batchgen.plan import Shard, output_storage, resolve_local_paths
-from batchgen.prepare import Job, Say, prepare, resume_command
+from batchgen.prepare import Job, Say, end_status, prepare, resume_command
 from batchgen.progress import Display, JobProgress
 from batchgen.spec import JobSpec
 
@@ -124,13 +124,8 @@ def run_job(
 def _final_status(job: Job, lock: JobLock, state: str, message: str) -> None:
     """Record how the run ended, unless it already did (a failed job) or the output is no
     longer ours (another driver took it over: its status is not ours to write)."""
-    if lock.lost or job.progress.finished_at is not None:
-        return
-    job.progress.finish(state, message)
-    try:
-        job.out.write_json(layout.STATUS, job.progress.status())
-    except Exception:  # noqa: BLE001 - the error being raised says more than this one would
-        pass
+    if not lock.lost and job.progress.finished_at is None:
+        end_status(job.out, job.progress, state, message)
 
 
 def _execute(job: Job, *, address: str | None, live: bool | None, log: Say | None, say: Say,

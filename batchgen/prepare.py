@@ -65,13 +65,10 @@ def prepare(spec: JobSpec, as_given: JobSpec, out: Storage, lock: JobLock, *, fo
             committer.forget_completion(markers_change=retry_failed)
     except BaseException as e:
         if isinstance(e, KeyboardInterrupt):
-            progress.finish("cancelled", "stopped by the user while preparing the run")
+            end_status(out, progress, "cancelled", "stopped by the user while preparing the run")
         else:
-            progress.finish("failed", f"preparing the run: {str(e).strip() or type(e).__name__}")
-        try:
-            out.write_json(layout.STATUS, progress.status())
-        except Exception:  # noqa: BLE001 - the error being raised says more than this one
-            pass
+            end_status(out, progress, "failed",
+                       f"preparing the run: {str(e).strip() or type(e).__name__}")
         raise
     progress.resume_from(list(markers.values()))
     if done_ids:
@@ -79,6 +76,16 @@ def prepare(spec: JobSpec, as_given: JobSpec, out: Storage, lock: JobLock, *, fo
     if retry_failed:
         say(f"retrying the error rows of {sum(1 for t in tasks if t.redo_errors)} committed shard(s)")
     return Job(spec, out, plan, progress, committer, tasks, retry_failed)
+
+
+def end_status(out: Storage, progress: JobProgress, state: str, message: str) -> None:
+    """Record how a run ended, on the way out of an error: a storage error here must not
+    replace the error being raised, which says more."""
+    progress.finish(state, message)
+    try:
+        out.write_json(layout.STATUS, progress.status())
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def resume_command(spec: JobSpec, *, retry_failed: bool = False) -> str:
