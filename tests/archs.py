@@ -41,11 +41,11 @@ keeps their own attention.
 
 Columns: "servable" = the probe was called once per layer on modules with layer_idx, the extra
 kwarg reached it, and no softcap/s_aux kwarg arrived; "sliding" = ``sliding_window`` kwarg per
-layer; "GQA" = key heads < query heads (4 q / 2 kv); "head" =
-``get_output_embeddings()(base_model(...).last_hidden_state)`` is torch.equal to ``model(...).logits``.  Every arch here also runs greedy ``generate`` on a
-left-padded batch of 3 prompts.  Archs with ``head_matches=False`` are servable only if the engine
-applies the model's own logit scaling (granite divides by logits_scaling, cohere multiplies by
-logit_scale).
+layer; "GQA" = key heads < query heads (4 q / 2 kv); "head" = whether
+``get_output_embeddings()(base_model(...).last_hidden_state)`` is torch.equal to
+``model(...).logits``.  Every arch here also runs greedy ``generate`` on a left-padded batch of 3
+prompts.  Archs with ``head_matches=False`` are servable only if the engine applies the model's own
+logit scaling (granite divides by logits_scaling, cohere multiplies by logit_scale).
 """
 
 from __future__ import annotations
