@@ -1,14 +1,20 @@
 """Batched decoding with a Hugging Face causal LM. No Ray, no storage: text in, text out.
 
 Contract: ``Engine.generate(requests)`` returns one ``Completion`` per ``Request`` in the same
-order. A request's output depends only on its prompt tokens and its seed, not on which other
-requests share its batch: padding is on the left with a matching attention mask and position ids,
-and sampling (``sampling.Sampler``) draws noise from a ``torch.Generator`` of the request's own.
-Loading is ``loading.py``.
+order. A request's output depends only on its prompt tokens and its seed, never on which other
+requests share its batch, shard, replica or attempt.
 
-Batches are cut from requests sorted by prompt length, under both a row limit and a token budget
-(rows x (longest prompt + max_new_tokens)), so padding stays small and long prompts get small
-batches. Rows that finish are dropped from the batch and its KV cache as they go.
+Two paths decode (chosen once per model by the load-time ``probe``):
+
+- the **slot path** (``decoder``, ``attention``, ``slots``): a slot KV cache behind an attention
+  function registered with transformers, continuous admission, the n samples of a row forked
+  from one prefill, and the job's shared prefix prefilled once per replica;
+- the **Hugging Face path** (``hfdecode``): transformers' own cache and attention, batches cut
+  from length-sorted requests, for models the slot path cannot serve.
+
+Both sample with ``sampling.Sampler``: noise is a pure function of (seed, step, token).
+``ENGINE_VERSION`` names the streams this engine produces; it is part of every job's fingerprint
+and done markers, so a resume never mixes the outputs of two versions.
 
 Back-off: a batch that runs out of memory, or whose logits turn NaN/+inf (fp16 overflow), is
 split in halves and each half retried; a single request that still fails is retried once with the
@@ -18,6 +24,7 @@ seeds make the split invisible in the outputs.
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,10 +32,18 @@ from typing import Any
 
 import torch
 
+from batchgen import probe
+from batchgen.decoder import NonFiniteLogits, SlotDecoder
+from batchgen.hfdecode import HFDecoder
 from batchgen.loading import load_model
 from batchgen.modelcheck import context_length, input_budget
-from batchgen.sampling import Sampler
 from batchgen.spec import GenerationSpec, ModelSpec, ResourcesSpec
+
+log = logging.getLogger("batchgen.engine")
+
+# 1: DynamicCache decode, per-row torch.Generator noise. 2: counter-based noise, slot path with
+# prefill widths rounded per prompt, shared prefills.
+ENGINE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -48,17 +63,29 @@ class Completion:
 
 @dataclass
 class EngineStats:
-    batches: int = 0
+    batches: int = 0  # decoder runs
     prompt_tokens: int = 0
-    padded_prompt_positions: int = 0
+    padded_prompt_positions: int = 0  # prompt positions computed (padding and the prefix included)
+    prefix_positions: int = 0  # of which for the job prefix (once per replica)
     generated_tokens: int = 0
     seconds: float = 0.0
     splits: int = 0  # batches split in halves after running out of memory or going non-finite
     float32_retries: int = 0
+    decode_steps: int = 0
+    row_steps: int = 0  # live rows summed over decode steps (slot path)
+    slot_steps: int = 0  # slots summed over decode steps
+    busy_row_steps: int = 0  # the same, counted only while requests waited for a slot
+    busy_slot_steps: int = 0
 
+    @property
+    def occupancy(self) -> float | None:
+        """Mean live rows / slots over decode steps (slot path)."""
+        return self.row_steps / self.slot_steps if self.slot_steps else None
 
-class NonFiniteLogits(RuntimeError):
-    """NaN or +inf in the logits: the model overflowed in its dtype."""
+    @property
+    def busy_occupancy(self) -> float | None:
+        """Occupancy while requests were still waiting for a slot."""
+        return self.busy_row_steps / self.busy_slot_steps if self.busy_slot_steps else None
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -113,6 +140,9 @@ class EchoEngine:
 
 
 class Engine:
+    """``path``: "auto" (the probe decides), "slots" or "hf". ``prefix``: the job's shared
+    prompt prefix in tokens (``set_prefix``)."""
+
     def __init__(
         self,
         model: Any,
@@ -123,6 +153,8 @@ class Engine:
         truncation: str = "left",
         batch_size: int = 32,
         max_batch_tokens: int = 32768,
+        path: str = "auto",
+        prefix: tuple[int, ...] = (),
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -135,8 +167,18 @@ class Engine:
         self.pad_id = tokenizer.pad_token_id
         self.eos_ids = set() if generation.ignore_eos else _eos_ids(model, tokenizer)
         self.stats = EngineStats()
-        self._keep_last = True
-        self._can_stack_caches = True
+        self._prefix: tuple[int, ...] = ()
+        self._prefix_kv: dict = {}  # the prefix's keys per dtype, computed once per replica
+        self.path, self.path_reason = self._choose_path(path)
+        self.set_prefix(prefix)
+
+    @property
+    def gen(self) -> GenerationSpec:
+        return self._gen
+
+    @gen.setter
+    def gen(self, generation: GenerationSpec) -> None:
+        self._gen = generation
         longest_stop = max((len(s) for s in generation.stop), default=0)
         self._stop_window = 2 * longest_stop + 4  # tokens re-decoded to look for a stop string
 
@@ -157,9 +199,43 @@ class Engine:
             max_batch_tokens=resources.max_batch_tokens,
         )
 
+    # -- the path --------------------------------------------------------------------------
+
+    def _slot_decoder(self, gen: GenerationSpec, eos_ids: set[int], prefix=(),
+                      prefix_kv=None) -> SlotDecoder:
+        return SlotDecoder(self.model, gen, eos_ids=eos_ids, pad_id=self.pad_id,
+                           slots=self.batch_size, max_batch_tokens=self.max_batch_tokens,
+                           hit_stop=self._hit_stop, prefix=prefix, prefix_kv=prefix_kv)
+
+    def _choose_path(self, path: str) -> tuple[str, str]:
+        if path == "hf":
+            return "hf", "asked for"
+        context = context_length(self.model.config, getattr(self.tokenizer, "model_max_length", None))
+        greedy = GenerationSpec(max_new_tokens=probe.NEW_TOKENS, ignore_eos=True)
+        ok, why = probe.probe(self.model, lambda: self._slot_decoder(greedy, set()), context)
+        if ok:
+            return "slots", ""
+        if path == "slots":
+            raise ValueError(f"the slot path cannot serve this model: {why}")
+        log.warning("batchgen: this model runs on the Hugging Face path (slower): %s", why)
+        return "hf", why
+
+    def set_prefix(self, prefix: tuple[int, ...]) -> None:
+        """The job's shared prompt prefix (``prompts.job_prefix``); the slot path prefills it
+        once and every prompt that starts with it reuses its keys."""
+        prefix = tuple(prefix) if self.path == "slots" else ()
+        if prefix != self._prefix:
+            self._prefix, self._prefix_kv = prefix, {}
+
+    @property
+    def prefix(self) -> tuple[int, ...]:
+        return self._prefix
+
     # -- prompts ---------------------------------------------------------------------------
 
     def tokenize(self, texts: list[str], *, chat: bool = False) -> list[list[int]]:
+        if not texts:
+            return []
         # A chat template already writes the model's special tokens; adding them again doubles BOS.
         return self.tokenizer(list(texts), add_special_tokens=not chat)["input_ids"]
 
@@ -178,7 +254,9 @@ class Engine:
     # -- generation ------------------------------------------------------------------------
 
     def plan_batches(self, lengths: list[int]) -> list[list[int]]:
-        """Indices grouped into batches, longest prompts first, under both limits."""
+        """Indices grouped into batches for the Hugging Face path, longest prompts first,
+        under both limits. The slot path takes every request at once (it admits them into
+        slots as they free up)."""
         order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
         batches: list[list[int]] = []
         current: list[int] = []
@@ -197,14 +275,18 @@ class Engine:
 
     def generate(self, requests: list[Request]) -> list[Completion]:
         results: list[Completion | None] = [None] * len(requests)
-        for batch in self.plan_batches([len(r.prompt_ids) for r in requests]):
+        if self.path == "slots":
+            batches = [list(range(len(requests)))] if requests else []
+        else:
+            batches = self.plan_batches([len(r.prompt_ids) for r in requests])
+        for batch in batches:
             for i, completion in zip(batch, self._generate_or_split([requests[i] for i in batch])):
                 results[i] = completion
         return results  # type: ignore[return-value]
 
     def _generate_or_split(self, requests: list[Request]) -> list[Completion]:
         try:
-            return self._generate_batch(requests)
+            return self._run(requests)
         except NonFiniteLogits as e:
             problem, non_finite = str(e), True
         except (RuntimeError, MemoryError) as e:
@@ -214,13 +296,13 @@ class Engine:
         _free_memory()
         if len(requests) > 1:
             self.stats.splits += 1
-            half = len(requests) // 2
+            half = _halve(requests)
             return self._generate_or_split(requests[:half]) + self._generate_or_split(requests[half:])
-        if non_finite and self.model.dtype != torch.float32:
+        if non_finite and any(p.dtype != torch.float32 for p in self.model.parameters()):
             self.stats.float32_retries += 1
             try:
                 with self._in_float32():
-                    return self._generate_batch(requests)
+                    return self._run(requests)
             except NonFiniteLogits as e:
                 problem = f"{e} (also in float32)"
             except (RuntimeError, MemoryError) as e:
@@ -232,123 +314,46 @@ class Engine:
 
     @contextmanager
     def _in_float32(self):
-        """Weights upcast to float32 for the block, then restored (fp16/bf16 -> fp32 -> back is
-        exact)."""
-        dtype = self.model.dtype
-        self.model.float()
+        """Parameters upcast to float32 for the block, then restored (fp16/bf16 -> fp32 -> back
+        is exact). Buffers are left alone: some are float32 on purpose (RoPE ``inv_freq``), and
+        a blanket ``model.to(dtype)`` on the way back would round them. An out-of-memory
+        half-way through the upcast restores what was already upcast."""
+        params = [p for p in self.model.parameters()
+                  if p.is_floating_point() and p.dtype != torch.float32]
+        dtypes = [p.dtype for p in params]
+        done = 0
         try:
+            for p in params:
+                p.data = p.data.float()
+                done += 1
             yield
         finally:
-            self.model.to(dtype)
+            for p, dtype in zip(params[:done], dtypes):
+                p.data = p.data.to(dtype)
 
-    @torch.inference_mode()
-    def _generate_batch(self, requests: list[Request]) -> list[Completion]:
+    def _run(self, requests: list[Request]) -> list[Completion]:
         started = time.perf_counter()
-        B = len(requests)
-        L = max(len(r.prompt_ids) for r in requests)
-        dev = self.device
-
-        # 1. Left-pad prompts; position ids count only real tokens.
-        input_ids = torch.full((B, L), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((B, L), dtype=torch.long)
-        for row, r in enumerate(requests):
-            n = len(r.prompt_ids)
-            input_ids[row, L - n :] = torch.tensor(r.prompt_ids, dtype=torch.long)
-            mask[row, L - n :] = 1
-        input_ids, mask = input_ids.to(dev), mask.to(dev)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-
-        sampler = Sampler(self.gen, requests, input_ids, mask, dev)
-
-        # 2. Prefill, in groups of similar length whose KV caches are then left-padded and
-        # stacked: the decode batch stays whole while prompt padding stays small.
-        lengths = [len(r.prompt_ids) for r in requests]
-        cache, logits, padded = self._grouped_prefill(input_ids, mask, positions, lengths)
-        next_pos = positions[:, -1:] + 1
-
-        # 3. Decode until every row has stopped; finished rows leave the batch.
-        active = list(range(B))  # batch row -> request index
-        generated: list[list[int]] = [[] for _ in range(B)]
-        reasons = ["length"] * B
-        for step in range(self.gen.max_new_tokens):
-            tokens = sampler.choose(logits).tolist()
-            still = []
-            for row, (req, tok) in enumerate(zip(active, tokens)):
-                generated[req].append(tok)
-                if tok in self.eos_ids or self._hit_stop(generated[req]):
-                    reasons[req] = "stop"
-                else:
-                    still.append(row)
-            if not still or step == self.gen.max_new_tokens - 1:
-                break
-            step_tokens = torch.tensor(tokens, dtype=torch.long, device=dev)[:, None]
-            if len(still) < len(active):
-                keep = torch.tensor(still, device=dev)
-                cache.batch_select_indices(keep)
-                mask, next_pos, step_tokens = mask[keep], next_pos[keep], step_tokens[keep]
-                sampler.select(keep, still)
-                active = [active[row] for row in still]
-            mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
-            out = self.model(
-                input_ids=step_tokens,
-                attention_mask=mask,
-                position_ids=next_pos,
-                past_key_values=cache,
-                use_cache=True,
-            )
-            logits = _last_logits(out)
-            next_pos = next_pos + 1
-            sampler.observe(step_tokens[:, 0])
-
-        # 4. Detokenize and cut at the first stop string.
-        completions = [self._finish(ids, reason) for ids, reason in zip(generated, reasons)]
         s = self.stats
+        if self.path == "slots":
+            decoder = self._slot_decoder(self.gen, self.eos_ids, self._prefix, self._prefix_kv)
+            results = decoder.run(requests)
+            d = decoder.stats
+            s.padded_prompt_positions += d.prefill_positions
+            s.prefix_positions += d.prefix_positions
+            s.decode_steps += d.steps
+            for k in ("row_steps", "slot_steps", "busy_row_steps", "busy_slot_steps"):
+                setattr(s, k, getattr(s, k) + getattr(d, k))
+        else:
+            decoder = HFDecoder(self.model, self.gen, eos_ids=self.eos_ids, pad_id=self.pad_id,
+                                hit_stop=self._hit_stop)
+            results = decoder.run(requests)
+            s.padded_prompt_positions += decoder.padded_positions
+        completions = [self._finish(ids, reason) for ids, reason in results]
         s.batches += 1
         s.prompt_tokens += sum(len(r.prompt_ids) for r in requests)
-        s.padded_prompt_positions += padded
         s.generated_tokens += sum(c.generated_tokens for c in completions)
         s.seconds += time.perf_counter() - started
         return completions
-
-    def _grouped_prefill(self, input_ids, mask, positions, lengths):
-        """(cache, last logits, prompt positions computed). Rows come longest first; a new
-        group starts where adding a row would leave less than PREFILL_FILL of the group's
-        positions real tokens."""
-        B, L = input_ids.shape
-        groups, start = [], 0
-        for i in range(1, B + 1):
-            if i == B or sum(lengths[start:i + 1]) < PREFILL_FILL * (i + 1 - start) * lengths[start]:
-                groups.append((start, i))
-                start = i
-        if len(groups) > 1 and not self._can_stack_caches:
-            groups = [(0, B)]
-        if len(groups) == 1:
-            out = self._prefill(input_ids, mask, positions)
-            return out.past_key_values, _last_logits(out), B * L
-        outs = []
-        for a, b in groups:
-            width = max(lengths[a:b])
-            outs.append((self._prefill(input_ids[a:b, L - width:], mask[a:b, L - width:],
-                                       positions[a:b, L - width:]), width))
-        try:
-            cache = _stack_left_padded([o.past_key_values for o, _ in outs], L)
-        except (AttributeError, TypeError):  # a cache that is not plain per-layer K/V tensors
-            self._can_stack_caches = False
-            out = self._prefill(input_ids, mask, positions)
-            return out.past_key_values, _last_logits(out), B * L
-        logits = torch.cat([_last_logits(o) for o, _ in outs])
-        return cache, logits, sum((b - a) * w for (a, b), (_, w) in zip(groups, outs))
-
-    def _prefill(self, input_ids, mask, positions):
-        """The prompt pass. Only the last position's logits are needed: asking for just those
-        skips the LM head over every prompt token (rows x length x vocab multiply-adds)."""
-        kwargs = dict(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
-        if self._keep_last:
-            try:
-                return self.model(**kwargs, logits_to_keep=1)
-            except TypeError:  # a model whose forward has no logits_to_keep
-                self._keep_last = False
-        return self.model(**kwargs)
 
     def _hit_stop(self, ids: list[int]) -> bool:
         if not self.gen.stop:
@@ -364,28 +369,14 @@ class Engine:
         return Completion(text, reason, len(ids), ids)
 
 
-PREFILL_FILL = 0.9  # least share of real tokens among the prompt positions of a prefill group
-
-
-def _stack_left_padded(caches: list[Any], length: int) -> Any:
-    """One cache for all rows: each group's keys/values left-padded (zeros, masked out) to
-    ``length`` and stacked along the batch, layer by layer, into the first group's cache."""
-    import torch.nn.functional as F
-
-    merged = caches[0]
-    for i, layer in enumerate(merged.layers):
-        for name in ("keys", "values"):
-            parts = [getattr(c.layers[i], name) for c in caches]
-            setattr(layer, name, torch.cat(
-                [F.pad(t, (0, 0, length - t.shape[-2], 0)) for t in parts], dim=0))
-    return merged
-
-
-def _last_logits(out: Any) -> torch.Tensor:
-    logits = out.logits[:, -1, :].float()
-    if torch.isnan(logits).any() or torch.isposinf(logits).any():
-        raise NonFiniteLogits("the model produced NaN/inf logits")
-    return logits
+def _halve(requests: list[Request]) -> int:
+    """Where to cut a failing batch in two: at the middle, moved so that the samples of one
+    prompt stay together (they share a prefill)."""
+    half = len(requests) // 2
+    for cut in sorted(range(1, len(requests)), key=lambda c: abs(c - half)):
+        if requests[cut].prompt_ids != requests[cut - 1].prompt_ids:
+            return cut
+    return half
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:

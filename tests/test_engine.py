@@ -1,3 +1,5 @@
+from contextlib import contextmanager
+
 import pytest
 
 from batchgen.engine import Engine, PromptTooLong, Request
@@ -152,60 +154,91 @@ def test_chat_without_a_chat_template_is_refused(tiny_model, tmp_path):
     check_model(ModelSpec(path=str(plain)), GenerationSpec(), InputSpec(path="x"))
 
 
-class FaultyModel:
-    """Wraps a real model and injects a fault into some forward calls, the way a GPU would:
-    running out of memory on big batches, or overflowing to NaN in half precision."""
+@contextmanager
+def faults(engine, fault):
+    """Inject a fault into the engine's model passes, the way a GPU would: running out of memory
+    on big batches, or overflowing to NaN in half precision. ``fault(rows, width, dtype, ids)``
+    sees each pass's real rows (padding rows left out), its width (1 for a decode step), the
+    weights' dtype and its input ids; it may raise, or return True to turn that pass's output
+    NaN."""
+    from batchgen.decoder import SlotDecoder
+    from batchgen.hfdecode import HFDecoder
 
-    def __init__(self, model, fault):
-        self.__dict__["_model"], self.__dict__["_fault"] = model, fault
-        self.__dict__["calls"] = []
+    def slot_hidden(self, ids, positions, step):
+        rows = int((step.slots != self.cache.scratch).sum())
+        nan = fault(rows, ids.shape[1], next(self.model.parameters()).dtype, ids)
+        hidden = real_slot_hidden(self, ids, positions, step)
+        return hidden * float("nan") if nan else hidden
 
-    def __call__(self, **kw):
-        self.calls.append(kw["input_ids"].shape[0])
-        out = self._model(**kw)
-        return self._fault(self._model, kw, out) or out
+    class Faulty:
+        def __init__(self, model):
+            self.__dict__["_model"] = model
 
-    def __getattr__(self, name):
-        return getattr(self._model, name)
+        def __call__(self, **kw):
+            ids = kw["input_ids"]
+            nan = fault(ids.shape[0], ids.shape[1], self._model.dtype, ids)
+            out = self._model(**kw)
+            if nan:
+                out.logits[:] = float("nan")
+            return out
+
+        def __getattr__(self, name):
+            return getattr(self._model, name)
+
+    real_slot_hidden, real_hf_init = SlotDecoder._hidden, HFDecoder.__init__
+
+    def hf_init(self, model, *args, **kw):
+        real_hf_init(self, model, *args, **kw)
+        self.model = Faulty(model)
+
+    SlotDecoder._hidden, HFDecoder.__init__ = slot_hidden, hf_init
+    try:
+        yield
+    finally:
+        SlotDecoder._hidden, HFDecoder.__init__ = real_slot_hidden, real_hf_init
 
 
-def test_out_of_memory_splits_the_batch_and_outputs_do_not_change(engine):
+@pytest.fixture(params=["slots", "hf"])
+def any_path(request, engine):
+    """The module's engine on each decode path in turn."""
+    real = engine.path
+    engine.path = request.param
+    yield engine
+    engine.path = real
+
+
+def test_out_of_memory_splits_the_batch_and_outputs_do_not_change(any_path):
     import torch
 
+    engine = any_path
     with_gen(engine, max_new_tokens=12, temperature=1.0, seed=0)
     reqs = requests(engine, seed=5)
     clean = [c.token_ids for c in engine.generate(reqs)]
 
-    def oom_over_one_row(model, kw, out):
-        if kw["input_ids"].shape[0] > 1:
+    def oom_over_one_row(rows, width, dtype, ids):
+        if rows > 1:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    real, engine.model = engine.model, FaultyModel(engine.model, oom_over_one_row)
     splits_before = engine.stats.splits
-    try:
+    with faults(engine, oom_over_one_row):
         got = engine.generate(reqs)
-    finally:
-        engine.model = real
     assert [c.token_ids for c in got] == clean  # per-row seeds: a split changes nothing
     assert engine.stats.splits > splits_before
 
 
-def test_a_row_that_fails_alone_becomes_an_error_and_the_rest_goes_on(engine):
-
+def test_a_row_that_fails_alone_becomes_an_error_and_the_rest_goes_on(any_path):
+    engine = any_path
     with_gen(engine, max_new_tokens=8)
     reqs = requests(engine)
     longest = max(len(r.prompt_ids) for r in reqs)
 
-    def oom_on_longest(model, kw, out):
-        if kw["input_ids"].shape[1] >= longest:  # the prefill of any batch holding it
+    def oom_on_longest(rows, width, dtype, ids):
+        if width >= longest:  # the prefill of any batch holding it
             raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: "
                                "can't allocate memory: you tried to allocate 8589934592 bytes")
 
-    real, engine.model = engine.model, FaultyModel(engine.model, oom_on_longest)
-    try:
+    with faults(engine, oom_on_longest):
         got = engine.generate(reqs)
-    finally:
-        engine.model = real
     for r, c in zip(reqs, got):
         if len(r.prompt_ids) == longest:
             assert c.finish_reason == "error" and "out of memory" in c.error and c.text is None
@@ -213,42 +246,42 @@ def test_a_row_that_fails_alone_becomes_an_error_and_the_rest_goes_on(engine):
             assert c.finish_reason in ("stop", "length") and c.error is None
 
 
-def test_other_errors_are_not_mistaken_for_memory(engine):
-    def broken(model, kw, out):
+def test_other_errors_are_not_mistaken_for_memory(any_path):
+    def broken(rows, width, dtype, ids):
         raise RuntimeError("shape mismatch")
 
-    real, engine.model = engine.model, FaultyModel(engine.model, broken)
-    try:
-        with pytest.raises(RuntimeError, match="shape mismatch"):
-            engine.generate(requests(engine)[:2])
-    finally:
-        engine.model = real
+    with faults(any_path, broken), pytest.raises(RuntimeError, match="shape mismatch"):
+        any_path.generate(requests(any_path)[:2])
 
 
-def test_nan_logits_in_half_precision_are_retried_alone_in_float32(tiny_model):
+@pytest.mark.parametrize("path", ["slots", "hf"])
+def test_nan_logits_in_half_precision_are_retried_alone_in_float32(tiny_model, path):
     import torch
 
     bf16 = Engine.load(ModelSpec(path=tiny_model, dtype="bfloat16"),
                        GenerationSpec(max_new_tokens=8), ResourcesSpec(batch_size=4))
+    bf16.path = path
     reqs = requests(bf16)
-    target = len(reqs[1].prompt_ids)  # "The cat"
+    target = reqs[1].prompt_ids  # "The cat"
 
-    def nan_in_bf16(model, kw, out):
-        if model.dtype == torch.bfloat16 and kw["input_ids"].shape[1] == target:
-            out.logits[:] = float("nan")  # the batch holding that prompt overflows
+    def holds(ids):  # a pass over the prompt: its prefill
+        text = [",".join(map(str, row)) for row in ids.tolist()]
+        return any(",".join(map(str, target)) in t for t in text)
 
-    bf16.model = FaultyModel(bf16.model, nan_in_bf16)
-    got = bf16.generate(reqs)
+    def nan_in_bf16(rows, width, dtype, ids):  # the prefill holding that prompt overflows
+        return dtype == torch.bfloat16 and holds(ids)
+
+    with faults(bf16, nan_in_bf16):
+        got = bf16.generate(reqs)
     assert all(c.finish_reason in ("stop", "length") for c in got)
     assert bf16.stats.float32_retries >= 1 and bf16.stats.splits >= 1
     assert bf16.model.dtype == torch.bfloat16  # restored after the float32 retry
 
-    def nan_always(model, kw, out):
-        if kw["input_ids"].shape[1] == target:
-            out.logits[:] = float("nan")
+    def nan_always(rows, width, dtype, ids):
+        return holds(ids)
 
-    bf16.model = FaultyModel(bf16.model._model, nan_always)
-    got = bf16.generate(reqs)
+    with faults(bf16, nan_always):
+        got = bf16.generate(reqs)
     assert got[1].finish_reason == "error" and "NaN" in got[1].error and "float32" in got[1].error
     assert sum(c.finish_reason == "error" for c in got) == 1
 

@@ -492,7 +492,7 @@ def test_sampling_identical_across_attempts_and_batch_sizes(tiny_model, prompts_
     big = reference_shard(raw, tmp_path, shard, batch_size=8)
     small = reference_shard(raw, tmp_path, shard, batch_size=3)
     assert big == small
-    assert len({r["generation"] for r in big}) > len(big) // 2  # real sampling, not one text
+    assert len({r["generation"] for r in big}) >= len(big) // 2  # real sampling, not one text
 
 
 # -- Bad input: a clear message, before any work, and nothing visible in the output ------------

@@ -1,0 +1,161 @@
+"""Attention over the slot cache, registered with transformers' ``AttentionInterface``.
+
+Any Hugging Face causal LM whose attention layers call ``ALL_ATTENTION_FUNCTIONS`` runs on the
+slot cache without per-model code: the decoder calls the model with ``use_cache=False``,
+explicit ``position_ids`` and a ``batchgen_slots`` keyword argument (a ``Prefill`` or a
+``Decode``), which transformers forwards to this function in every layer. The function writes
+the layer's new keys and values into the sequences' slots and attends over each slot's keys.
+
+Batch invariance (ENGINE.md): a row's result must not depend on the other rows or on the padded
+key length. Decode rows are grouped by their own key length rounded up to ``KEY_BLOCK``, one
+SDPA call per group, so a row always attends over the same key length whatever its neighbours;
+prefill rows come in groups of one width (fixed by the prompt alone). Grouped-query heads are
+packed into the query axis instead of repeating keys.
+
+What a plain attention function cannot serve raises ``Unsupported`` (logit softcapping,
+attention sinks); the load-time probe (``probe``) catches those and anything else that makes the
+output differ from Hugging Face's own path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from batchgen.slots import SlotCache
+
+NAME = "batchgen_slots"
+KWARG = "batchgen_slots"
+KEY_BLOCK = 64  # decode key lengths are rounded up to this
+
+
+class Unsupported(RuntimeError):
+    """The model's attention needs something this function does not do."""
+
+
+@dataclass
+class Prefill:
+    """New tokens of B sequences, all of width ``width``, written after ``offset`` keys already
+    in each slot (the job prefix, or none)."""
+
+    cache: SlotCache
+    slots: torch.Tensor  # [B] slot per row
+    offset: int
+    width: int
+    layers_seen: set[int] = field(default_factory=set)
+    _masks: dict[Any, torch.Tensor] = field(default_factory=dict)
+
+    def mask(self, sliding_window: int | None, groups: int, device) -> torch.Tensor:
+        key = (sliding_window, groups)
+        m = self._masks.get(key)
+        if m is None:
+            q = torch.arange(self.width, device=device)[:, None] + self.offset
+            k = torch.arange(self.offset + self.width, device=device)[None, :]
+            m = k <= q
+            if sliding_window:
+                m = m & (k > q - sliding_window)
+            m = self._masks[key] = m.repeat(groups, 1)[None, None]
+        return m
+
+
+@dataclass
+class Decode:
+    """One new token for each of B rows (padding rows included), written at ``positions`` in
+    ``slots``. ``groups``: (batch rows, their key length) for rows of one key-length bucket."""
+
+    cache: SlotCache
+    slots: torch.Tensor  # [B]
+    positions: torch.Tensor  # [B] where each row's new key goes (its length so far)
+    groups: list[tuple[torch.Tensor, int]]
+    layers_seen: set[int] = field(default_factory=set)
+    _masks: dict[Any, torch.Tensor] = field(default_factory=dict)
+
+    def mask(self, g: int, sliding_window: int | None) -> torch.Tensor:
+        key = (g, sliding_window)
+        m = self._masks.get(key)
+        if m is None:
+            rows, length = self.groups[g]
+            q = self.positions[rows][:, None]
+            k = torch.arange(length, device=q.device)[None, :]
+            m = k <= q
+            if sliding_window:
+                m = m & (k > q - sliding_window)
+            m = self._masks[key] = m[:, None, None, :]
+        return m
+
+
+def key_length(position: int) -> int:
+    """The key length a decode row at ``position`` attends over (its new key included)."""
+    return -(-(position + 1) // KEY_BLOCK) * KEY_BLOCK
+
+
+def slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                   sliding_window=None, softcap=None, s_aux=None, **kwargs):
+    step = kwargs.get(KWARG)
+    if step is None:
+        raise Unsupported("the slot attention was called without its batchgen_slots argument")
+    if softcap is not None:
+        raise Unsupported("attention logit softcapping")
+    if s_aux is not None:
+        raise Unsupported("attention sinks")
+    layer = getattr(module, "layer_idx", None)
+    if layer is None:
+        raise Unsupported("an attention module without layer_idx")
+    step.layers_seen.add(layer)
+    B, Hq, T, D = query.shape
+    Hkv = key.shape[1]
+    if Hq % Hkv:
+        raise Unsupported(f"{Hq} query heads over {Hkv} key heads")
+    G = Hq // Hkv
+    keys, values = step.cache.layer(layer, key)
+    if isinstance(step, Prefill):
+        end = step.offset + step.width
+        keys[step.slots, :, step.offset:end] = key
+        values[step.slots, :, step.offset:end] = value
+        if step.offset:
+            key, value = keys[step.slots, :, :end], values[step.slots, :, :end]
+        q = query.reshape(B, Hkv, G * T, D)
+        out = F.scaled_dot_product_attention(
+            q, key, value, attn_mask=step.mask(sliding_window, G, query.device), scale=scaling)
+        return out.reshape(B, Hq, T, D).transpose(1, 2), None
+    # Decode: T == 1.
+    keys[step.slots, :, step.positions] = key[:, :, 0]
+    values[step.slots, :, step.positions] = value[:, :, 0]
+    out = query.new_empty(B, Hkv, G, D)
+    q_all = query.reshape(B, Hkv, G, D)
+    for g, (rows, length) in enumerate(step.groups):
+        slots = step.slots[rows]
+        out[rows] = F.scaled_dot_product_attention(
+            q_all[rows], keys[slots, :, :length], values[slots, :, :length],
+            attn_mask=step.mask(g, sliding_window), scale=scaling)
+    return out.reshape(B, Hq, 1, D).transpose(1, 2), None
+
+
+_registered = False
+
+
+def use_slots(model: Any) -> None:
+    """Put the model on the slot attention (remembering its own, for ``use_own``)."""
+    if model.config._attn_implementation != NAME:
+        model._batchgen_own_attention = model.config._attn_implementation
+        model.set_attn_implementation(register())
+
+
+def use_own(model: Any) -> None:
+    """Put the model back on the attention it came with."""
+    if model.config._attn_implementation == NAME:
+        model.set_attn_implementation(getattr(model, "_batchgen_own_attention", "sdpa"))
+
+
+def register() -> str:
+    """Register ``slot_attention`` under ``NAME`` (once per process) and return the name."""
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(NAME, slot_attention)
+        _registered = True
+    return NAME

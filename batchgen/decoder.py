@@ -1,0 +1,303 @@
+"""The slot decoder: continuous admission, shared prefills and decode steps over the slot cache.
+
+``SlotDecoder.run(requests)`` returns each request's (token ids, finish reason). The loop:
+
+1. **Admit** waiting prompts into free slots, prefill-first. Requests with the same prompt (the
+   n samples of a row) share one prefill: the prompt's keys are copied into n slots and each
+   sample draws its first token from the shared last logits with its own seed.
+2. **Job prefix.** A prompt that starts with the job's prefix (``prefix``: the tokens every
+   rendering of the job's prompt starts with) is prefilled as prefix + suffix: the prefix's
+   keys, computed once per decoder, are copied into the slot and only the suffix is computed.
+   The split depends on the prompt alone, never on the batch.
+3. **Decode** one token for every live row. The batch is the live rows, at least
+   ``MIN_ROWS`` (padding rows write to the scratch slot); finished rows free their slots at
+   once and waiting prompts take them, so the batch stays full until the queue drains.
+4. **Read back one step late**: a step's tokens are read after the next step is launched, so the
+   host never waits for the device inside the loop. A row that stopped runs one step more; that
+   token is dropped (it never reaches the output).
+
+Invariance: prefill widths are the suffix length rounded up to ``PREFILL_BLOCK``; decode GEMMs
+see at least ``MIN_ROWS`` rows; attention depends only on a row's own key length
+(``attention``); noise is a pure function of (seed, step, token) (``sampling``). So a row's
+tokens are bitwise the same alone, in any batch, forked or not, admitted early or late.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from batchgen.attention import KWARG, Decode, Prefill, key_length, use_slots
+from batchgen.sampling import Sampler, mark_seen, seen_from_prompts
+from batchgen.slots import SlotCache
+
+PREFILL_BLOCK = 8  # prefill widths: the prompt (or suffix) length rounded up to this
+MIN_ROWS = 4  # F.linear on CPU is bitwise stable per row only from 4 rows up (ENGINE.md)
+
+
+class NonFiniteLogits(RuntimeError):
+    """NaN or +inf in the logits: the model overflowed in its dtype."""
+
+
+def round_up(n: int, block: int) -> int:
+    return -(-n // block) * block
+
+
+@dataclass
+class _Row:
+    index: int  # into the requests
+    slot: int
+    length: int  # keys in the slot
+    sampled: int = 0  # tokens sampled, read or not
+    tokens: list[int] = field(default_factory=list)  # tokens read back
+    reason: str | None = None  # set when the row has finished
+
+
+@dataclass
+class DecodeStats:
+    prefill_positions: int = 0  # prompt positions computed, padding included
+    prefix_positions: int = 0  # of which for the job prefix
+    steps: int = 0
+    row_steps: int = 0  # live rows summed over decode steps
+    slot_steps: int = 0  # slots summed over decode steps
+    busy_row_steps: int = 0  # the same two, only while requests were waiting
+    busy_slot_steps: int = 0
+
+
+class SlotDecoder:
+    def __init__(self, model: Any, gen: Any, *, eos_ids: set[int], pad_id: int,
+                 slots: int, max_batch_tokens: int, hit_stop: Callable[[list[int]], bool],
+                 prefix: tuple[int, ...] = (), prefix_kv: dict | None = None):
+        self.model = model
+        self.base = model.base_model
+        self.head = model.get_output_embeddings()
+        self.gen = gen
+        self.sampler = Sampler(gen)
+        self.eos_ids = eos_ids
+        self.pad_id = pad_id
+        self.slots = slots
+        self.max_batch_tokens = max_batch_tokens
+        self.hit_stop = hit_stop
+        self.prefix = tuple(prefix)
+        self.device = next(model.parameters()).device
+        self.stats = DecodeStats()
+        # The prefix's keys per dtype; the engine passes one dict to all its decoders.
+        self._prefix_kv: dict[torch.dtype, dict] = {} if prefix_kv is None else prefix_kv
+        self.layers_seen: set[int] = set()  # layers that called the slot attention (probe)
+
+    # -- the split of a prompt -----------------------------------------------------------
+
+    def split(self, prompt: tuple[int, ...]) -> int:
+        """Tokens of ``prompt`` taken from the job prefix: all of it or nothing."""
+        p = len(self.prefix)
+        return p if p and len(prompt) > p and prompt[:p] == self.prefix else 0
+
+    def extent(self, prompt: tuple[int, ...]) -> int:
+        """Slot positions the prompt's prefill writes."""
+        s = self.split(prompt)
+        return s + round_up(len(prompt) - s, PREFILL_BLOCK)
+
+    # -- the loop ------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def run(self, requests: list[Any]) -> list[tuple[list[int], str]]:
+        if not requests:
+            return []
+        use_slots(self.model)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(tuple(r.prompt_ids), []).append(i)
+        max_new = self.gen.max_new_tokens
+        capacity = round_up(max(max(self.extent(p), len(p) + max_new + 1) for p in groups)
+                            + (round_up(len(self.prefix), PREFILL_BLOCK) if self.prefix else 0),
+                            64)
+        slots = max(min(self.slots, max(1, self.max_batch_tokens // capacity)),
+                    max(len(g) for g in groups.values()))
+        self.cache = SlotCache(slots, capacity, self.device)
+        self.requests = requests
+        n_slots = slots + 1
+        self.last_token = torch.zeros(n_slots, dtype=torch.long, device=self.device)
+        self.seeds = torch.zeros(n_slots, dtype=torch.long, device=self.device)
+        self.seen = None
+        self.queue = deque(groups.items())
+        self.live: list[_Row] = []
+        done: list[_Row] = []
+        pending: list[tuple[list[_Row], torch.Tensor, Any]] = []
+        while True:
+            pending.extend(self._admit())
+            stepping = [r for r in self.live if r.reason is None and r.sampled < max_new]
+            launched = self._decode(stepping) if stepping else None
+            for rows, packed, ready in pending:
+                if ready is not None:
+                    ready.synchronize()
+                self._read(rows, packed.tolist())
+            pending = [launched] if launched else []
+            for r in [r for r in self.live if r.reason is not None]:
+                if launched is None or r not in launched[0]:
+                    self.live.remove(r)
+                    self.cache.release(r.slot)
+                    done.append(r)
+            if not self.queue and not self.live and not pending:
+                break
+        out: list[tuple[list[int], str]] = [([], "length")] * len(requests)
+        for r in done:
+            out[r.index] = (r.tokens, r.reason)
+        return out
+
+    def _read(self, rows: list[_Row], packed: list[list[int]]) -> None:
+        tokens, bad = packed
+        if any(bad):
+            raise NonFiniteLogits("the model produced NaN/inf logits")
+        for r, tok in zip(rows, tokens):
+            if r.reason is not None:
+                continue  # a step past the row's end
+            r.tokens.append(tok)
+            if tok in self.eos_ids or self.hit_stop(r.tokens):
+                r.reason = "stop"
+            elif len(r.tokens) == self.gen.max_new_tokens:
+                r.reason = "length"
+
+    # -- admission and prefill -----------------------------------------------------------
+
+    def _admit(self) -> list[tuple[list[_Row], torch.Tensor, Any]]:
+        admitted: list[tuple[tuple[int, ...], list[_Row]]] = []
+        while self.queue and len(self.queue[0][1]) <= self.cache.free:
+            prompt, indices = self.queue.popleft()
+            rows = [_Row(i, self.cache.take(), len(prompt)) for i in indices]
+            admitted.append((prompt, rows))
+        if not admitted:
+            return []
+        # Prefill groups: one (split, width) each, cut under the token budget.
+        by_shape: dict[tuple[int, int], list[tuple[tuple[int, ...], list[_Row]]]] = {}
+        for prompt, rows in admitted:
+            s = self.split(prompt)
+            by_shape.setdefault((s, round_up(len(prompt) - s, PREFILL_BLOCK)), []).append(
+                (prompt, rows))
+        results = []
+        for (offset, width), items in sorted(by_shape.items()):
+            per_chunk = max(1, self.max_batch_tokens // (offset + width))
+            for a in range(0, len(items), per_chunk):
+                results.append(self._prefill(items[a:a + per_chunk], offset, width))
+        self.live.extend(r for _, rows in admitted for r in rows)
+        return results
+
+    def _prefill(self, items, offset: int, width: int):
+        dev = self.device
+        g = len(items)
+        ids = torch.full((g, width), self.pad_id, dtype=torch.long)
+        positions = torch.empty((g, width), dtype=torch.long)
+        last = []
+        for i, (prompt, _) in enumerate(items):
+            suffix = prompt[offset:]
+            ids[i, :len(suffix)] = torch.tensor(suffix, dtype=torch.long)
+            positions[i] = offset + torch.arange(width).clamp(max=len(suffix) - 1)
+            last.append(len(suffix) - 1)
+        first_slots = [rows[0].slot for _, rows in items]
+        if offset:
+            saved = self._prefix()
+            for slot in first_slots:
+                self.cache.load(slot, saved)
+        step = Prefill(self.cache, torch.tensor(first_slots, device=dev), offset, width)
+        hidden = self._hidden(ids.to(dev), positions.to(dev), step)
+        hidden = hidden[torch.arange(g, device=dev), torch.tensor(last, device=dev)]
+        logits = self._logits(hidden)
+        self.stats.prefill_positions += g * width
+        # Fork: the prompt's keys into its other samples' slots; every sample draws its first
+        # token from the shared logits with its own seed.
+        children, which = [], []
+        for i, (prompt, rows) in enumerate(items):
+            self.cache.copy(rows[0].slot, [r.slot for r in rows[1:]], len(prompt))
+            children.extend(rows)
+            which.extend([i] * len(rows))
+        slots = torch.tensor([r.slot for r in children], device=dev)
+        self.seeds[slots] = torch.tensor([self.requests[r.index].seed for r in children],
+                                         dtype=torch.long, device=dev)
+        if self.gen.repetition_penalty != 1.0:
+            if self.seen is None:
+                self.seen = torch.zeros((self.cache.slots + 1, logits.shape[-1]),
+                                        dtype=torch.bool, device=dev)
+            self.seen[slots] = seen_from_prompts(
+                logits.shape[-1], [items[i][0] for i in which], dev)
+        return self._sample(children, slots, logits[torch.tensor(which, device=dev)])
+
+    def _prefix(self) -> dict:
+        """The job prefix's keys and values, computed once per dtype (in the scratch slot)."""
+        dtype = next(self.model.parameters()).dtype
+        saved = self._prefix_kv.get(dtype)
+        if saved is None:
+            p = len(self.prefix)
+            width = round_up(p, PREFILL_BLOCK)
+            ids = torch.full((1, width), self.pad_id, dtype=torch.long)
+            ids[0, :p] = torch.tensor(self.prefix, dtype=torch.long)
+            positions = torch.arange(width).clamp(max=p - 1)[None]
+            scratch = self.cache.scratch
+            step = Prefill(self.cache, torch.tensor([scratch], device=self.device), 0, width)
+            self._hidden(ids.to(self.device), positions.to(self.device), step)
+            saved = self._prefix_kv[dtype] = self.cache.save(scratch, p)
+            self.stats.prefill_positions += width
+            self.stats.prefix_positions += width
+        return saved
+
+    # -- decode --------------------------------------------------------------------------
+
+    def _decode(self, rows: list[_Row]):
+        dev = self.device
+        n = len(rows)
+        b = max(MIN_ROWS, n)
+        slots = [r.slot for r in rows] + [self.cache.scratch] * (b - n)
+        positions = [r.length for r in rows] + [0] * (b - n)
+        buckets: dict[int, list[int]] = {}
+        for i, p in enumerate(positions):
+            buckets.setdefault(key_length(p), []).append(i)
+        slots_t = torch.tensor(slots, device=dev)
+        positions_t = torch.tensor(positions, device=dev)
+        step = Decode(self.cache, slots_t, positions_t,
+                      [(torch.tensor(idx, device=dev), length)
+                       for length, idx in sorted(buckets.items())])
+        hidden = self._hidden(self.last_token[slots_t][:, None], positions_t[:, None], step)
+        logits = self._logits(hidden[:, -1])[:n]
+        for r in rows:
+            r.length += 1
+        s = self.stats
+        s.steps += 1
+        s.row_steps += n
+        s.slot_steps += self.cache.slots
+        if self.queue:
+            s.busy_row_steps += n
+            s.busy_slot_steps += self.cache.slots
+        return self._sample(rows, slots_t[:n], logits)
+
+    def _sample(self, rows: list[_Row], slots: torch.Tensor, logits: torch.Tensor):
+        steps = torch.tensor([r.sampled for r in rows], dtype=torch.long, device=self.device)
+        tokens = self.sampler.choose(logits, self.seeds[slots], steps,
+                                     None if self.seen is None else self.seen[slots])
+        self.last_token[slots] = tokens
+        if self.seen is not None:
+            mark_seen(self.seen, slots, tokens)
+        for r in rows:
+            r.sampled += 1
+        bad = (logits.isnan() | logits.isposinf()).any(-1)
+        packed = torch.stack([tokens, bad.long()])
+        if packed.device.type != "cuda":
+            return rows, packed, None
+        ready = torch.cuda.Event()
+        packed = packed.to("cpu", non_blocking=True)
+        ready.record()
+        return rows, packed, ready
+
+    # -- the model -----------------------------------------------------------------------
+
+    def _hidden(self, ids: torch.Tensor, positions: torch.Tensor, step) -> torch.Tensor:
+        out = self.base(input_ids=ids, position_ids=positions, use_cache=False, **{KWARG: step})
+        self.layers_seen |= step.layers_seen
+        return out[0]
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM head over at least MIN_ROWS rows (bitwise stable per row), float32."""
+        n = hidden.shape[0]
+        if n < MIN_ROWS:
+            hidden = torch.cat([hidden, hidden[:1].expand(MIN_ROWS - n, -1)])
+        return self.head(hidden)[:n].float()
