@@ -38,12 +38,9 @@ from batchgen.hfdecode import HFDecoder
 from batchgen.loading import load_model
 from batchgen.modelcheck import context_length, input_budget
 from batchgen.spec import GenerationSpec, ModelSpec, ResourcesSpec
+from batchgen.versions import ENGINE_VERSION  # noqa: F401 - re-exported: the engine's version
 
 log = logging.getLogger("batchgen.engine")
-
-# 1: DynamicCache decode, per-row torch.Generator noise. 2: counter-based noise, slot path with
-# prefill widths rounded per prompt, shared prefills.
-ENGINE_VERSION = 2
 
 
 @dataclass(frozen=True)

@@ -24,11 +24,14 @@ from batchgen.errors import InputError, SpecError
 from batchgen.spec import InputSpec, JobSpec
 from batchgen.storage import (JSONL_SUFFIXES, Storage, file_format, open_input, read_jsonl,
                               read_rows, storage_options)
+from batchgen.versions import ENGINE_VERSION
 
 PLAN_VERSION = 1
 # 2: whole spec sections digested (minus keys that cannot change outputs), local inputs
 # identified by content, local paths resolved. Plans without the field were written with 1.
-FINGERPRINT_VERSION = 2
+# 3: the engine's version (``versions.ENGINE_VERSION``) is a part; plans of 1 and 2 were made by
+# engine version 1.
+FINGERPRINT_VERSION = 3
 _GLOB_CHARS = set("*?[")
 
 # Keys of output-changing sections that do not change any output row: where the model is cached,
@@ -149,6 +152,8 @@ def current_fingerprint(spec: JobSpec, version: int = FINGERPRINT_VERSION,
     else:
         listed = list_input_files(spec.input.path, input_options(spec), spec.input.format)
         parts = fingerprint_parts(spec, tuple(InputFile(u, size, etag, 0) for u, size, etag in listed))
+        if version == 2:  # before the engine's version was a part
+            del parts["engine"]
     return _digest(parts), parts
 
 
@@ -164,6 +169,7 @@ def fingerprint_parts(spec: JobSpec, files: tuple[InputFile, ...]) -> dict[str, 
         "prompt": _digest(section("input")),
         "generation": _digest(section("generation")),
         "output": _digest(section("output")),
+        "engine": str(ENGINE_VERSION),
     }
 
 

@@ -120,20 +120,18 @@ def _plan_or_resume(spec: JobSpec, as_given: JobSpec, out: Storage, force: bool,
             f"{old.fingerprint_version}; this one knows {FINGERPRINT_VERSION}); resume it with "
             "that version")
     fingerprint, parts = current_fingerprint(spec, old.fingerprint_version, as_given)
-    if old.fingerprint == fingerprint:
-        if old.fingerprint_version == FINGERPRINT_VERSION:
-            return old, False, None
-        fingerprint, parts = current_fingerprint(spec)
-        upgraded = Plan(fingerprint, parts, old.files, old.shards)
-        return upgraded, False, {**_job_doc(spec, upgraded),
-                                 "upgraded_from": {"fingerprint": old.fingerprint,
-                                                   "fingerprint_version": old.fingerprint_version}}
+    if old.fingerprint == fingerprint and old.fingerprint_version == FINGERPRINT_VERSION:
+        return old, False, None
     changed = [k for k, v in parts.items() if old.fingerprint_parts.get(k) != v]
+    if old.fingerprint_version < 3:  # before the engine was a part: engine version 1
+        changed.append("engine")
+    engine = ("; the engine's version changed, so sampled text from this batchgen differs "
+              "from the committed shards'" if "engine" in changed else "")
     if not force:
         raise StorageError(
             f"output.path {spec.output.path} holds a different job (changed: "
-            f"{', '.join(changed)}); use a new output.path, remove the old output, or resume "
-            "anyway with --force (committed shards keep their outputs)"
+            f"{', '.join(changed)}{engine}); use a new output.path, remove the old output, or "
+            "resume anyway with --force (committed shards keep their outputs)"
         )
     say(f"--force: resuming although {', '.join(changed)} changed; committed shards keep their "
         "outputs, the rest run with the new settings")

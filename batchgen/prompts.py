@@ -184,6 +184,21 @@ def wrap_prompt(spec: JobSpec, text: str, tokenizer: Any) -> str:
     return with_examples(spec.input, text) if spec.input.examples else text
 
 
+def prefix_probes(spec: JobSpec, tokenizer: Any) -> tuple[str, str]:
+    """Two full prompts of this job rendered from rows that differ in every column: the text
+    every prompt of the job starts with (system prompt, few-shot examples, the template's
+    leading text) is their common start. Depends on the spec alone, never on the data."""
+    columns = needed_columns(spec.input)
+    texts = []
+    for mark in ("Qq", "Zz"):  # their first bytes differ, so no token spans both
+        try:
+            text = render(spec.input, {c: mark for c in columns})
+        except RowError:  # a template that cannot take a string: no template text shared
+            text = mark
+        texts.append(wrap_prompt(spec, text, tokenizer))
+    return texts[0], texts[1]
+
+
 def chat_messages(spec: InputSpec, prompt: str) -> list[dict[str, str]]:
     messages = []
     if spec.system_prompt:

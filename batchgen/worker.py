@@ -15,7 +15,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -31,6 +31,7 @@ from batchgen.rows import (assemble, output_fields, row_dicts, row_seed, verify_
                            with_input_columns)
 from batchgen.spec import JobSpec
 from batchgen.storage import read_rows
+from batchgen.versions import ENGINE_VERSION
 
 
 @dataclass
@@ -51,9 +52,36 @@ class ShardResult:
     chunked_rows: int = 0  # rows summarized window by window (long_documents: chunk)
     chunks: int = 0  # windows summarized
     staged_chunks: str | None = None  # the window summaries, staged beside the data
+    engine: dict[str, Any] = field(default_factory=dict)  # version, path (and why) of the engine
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+PREFIX_MIN_TOKENS = 16  # a shorter shared prefix is not worth a split
+
+
+def job_prefix(spec: JobSpec, engine: Any) -> tuple[int, ...]:
+    """The tokens every prompt of this job starts with (``prompts.prefix_probes``), less the
+    last one (a row's text may merge with it into another token), or () when short. Fixed by
+    the spec and the tokenizer: a row's split never depends on its neighbours."""
+    a, b = engine.tokenize(list(prompts.prefix_probes(spec, engine.tokenizer)),
+                           chat=spec.input.chat)
+    common = 0
+    while common < min(len(a), len(b)) and a[common] == b[common]:
+        common += 1
+    common -= 1
+    return tuple(a[:common]) if common >= PREFIX_MIN_TOKENS else ()
+
+
+def engine_record(engine: Any) -> dict[str, Any]:
+    """What made a shard's text, for its done marker."""
+    record = {"version": ENGINE_VERSION, "path": getattr(engine, "path", "echo")}
+    if getattr(engine, "path_reason", ""):
+        record["why"] = engine.path_reason
+    if getattr(engine, "prefix", ()):
+        record["prefix_tokens"] = len(engine.prefix)
+    return record
 
 
 class ShardWorker:
@@ -63,6 +91,8 @@ class ShardWorker:
             model, _ = local_model(spec)
             engine = load_engine(model, spec.generation, spec.resources)
         self.engine = engine
+        if hasattr(engine, "set_prefix"):
+            engine.set_prefix(job_prefix(spec, engine))
         self.output = output_storage(spec)
         self.in_options = input_options(spec)
         self.columns = prompts.needed_columns(spec.input)
@@ -124,6 +154,7 @@ class ShardWorker:
             host=socket.gethostname(),
             duplicates_removed=len(rows) * self.spec.generation.n - n_out,
             staged_chunks=chunks_rel,
+            engine=engine_record(self.engine),
             **counts,
         )
 

@@ -248,22 +248,35 @@ def test_force_writes_nothing_until_the_model_check_passes(tmp_path, prompts_dir
     assert out.read_bytes(layout.JOB) == before
 
 
-def test_a_plan_of_an_earlier_version_is_brought_up_to_date(tmp_path, prompts_dir):
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_plan_of_an_earlier_engine_resumes_only_with_force(tmp_path, prompts_dir, version):
+    """Plans of fingerprint versions 1 and 2 were made by engine version 1, whose sampled text
+    differs: resuming one would mix two streams, so it needs --force, and says why."""
     from batchgen.plan import FINGERPRINT_VERSION, Plan, _digest, current_fingerprint
 
     spec, out = _completed_echo_job(tmp_path, prompts_dir, errors=0)
     old = out.read_json(layout.PLAN)
-    del old["fingerprint_version"]  # as batchgen wrote it before fingerprint version 2
-    old["fingerprint_parts"] = current_fingerprint(spec, version=1)[1]
+    if version == 1:
+        del old["fingerprint_version"]  # as batchgen wrote it before fingerprint version 2
+    else:
+        old["fingerprint_version"] = 2
+    old["fingerprint_parts"] = current_fingerprint(spec, version=version)[1]
+    assert "engine" not in old["fingerprint_parts"]
     old["fingerprint"] = _digest(old["fingerprint_parts"])
     out.write_json(layout.PLAN, old)
+    with JobLock(out) as lock, pytest.raises(BatchgenError, match=r"changed: engine; the "
+                                             r"engine's version changed.*--force"):
+        prepare(spec, spec, out, lock, force=False, retry_failed=False, say=quiet)
     with JobLock(out) as lock:
-        job = prepare(spec, spec, out, lock, force=False, retry_failed=False, say=quiet)
+        job = prepare(spec, spec, out, lock, force=True, retry_failed=False, say=quiet)
     assert job.tasks == []
     stored = Plan.from_json(out.read_json(layout.PLAN))
     assert stored.fingerprint_version == FINGERPRINT_VERSION
+    assert stored.fingerprint_parts["engine"] == "2"
     assert stored.shards == job.plan.shards and stored.fingerprint == current_fingerprint(spec)[0]
-    assert out.read_json(layout.JOB)["upgraded_from"]["fingerprint"] == old["fingerprint"]
+    assert out.read_json(layout.JOB)["forced_from"] == old["fingerprint"]
+    with JobLock(out) as lock:  # from now on it resumes without --force
+        assert prepare(spec, spec, out, lock, force=False, retry_failed=False, say=quiet).tasks == []
 
     newer = {**out.read_json(layout.PLAN), "fingerprint_version": FINGERPRINT_VERSION + 1}
     out.write_json(layout.PLAN, newer)

@@ -247,3 +247,44 @@ def test_default_windows_cover_the_document(tmp_path, tiny_model):
     assert row["chunks"] == len(chunks) == result.chunks >= 3
     assert (len(chunks) - 1) * (size - 10) < tokens <= (len(chunks) - 1) * (size - 10) + size
     assert sum(c["chunk_tokens"] for c in chunks) == tokens + 10 * (len(chunks) - 1)
+
+
+def test_the_job_prefix_is_shared_by_every_prompt_and_changes_no_output(tmp_path, tiny_model):
+    """The synthetic-data job's system prompt and few-shot examples are one token prefix,
+    prefilled once per replica; each row's text alone is prefilled for it. Outputs (greedy and
+    seeded, n samples forked) equal those of the same job with no prefix split."""
+    from batchgen.specfile import load_spec
+    from batchgen.worker import engine_record, job_prefix
+
+    table = pa.table({"topic_id": [f"q{i}" for i in range(6)],
+                      "topic": ["rivers", "tea", "the moon", "bread", "birds", "music"],
+                      "level": ["beginner", "expert"] * 3})
+    pq.write_table(table, tmp_path / "in.parquet")
+    base = load_spec("jobs/synthetic-qa.yaml")
+    raw = base.model_dump(mode="json")
+    raw["input"]["path"] = str(tmp_path / "in.parquet")
+    raw["model"]["path"] = tiny_model
+    raw["generation"].update(n=3, temperature=0.9, max_new_tokens=24, dedupe=False)
+    outputs = {}
+    for split in (True, False):
+        raw["output"]["path"] = str(tmp_path / f"out-{split}")
+        spec = parse_spec(raw)
+        worker = ShardWorker(spec)
+        prefix = worker.engine.prefix
+        if split:
+            assert prefix == job_prefix(spec, worker.engine) and len(prefix) >= 100
+            record = engine_record(worker.engine)
+            assert record == {"version": 2, "path": "slots", "prefix_tokens": len(prefix)}
+        else:
+            worker.engine.set_prefix(())
+        result = worker.run(make_plan(spec).shards[0], "a1")
+        assert result.engine["version"] == 2
+        stats = worker.engine.stats
+        if split:
+            # the prefix once; each row's own text once, not once per sample
+            own = stats.padded_prompt_positions - stats.prefix_positions
+            assert stats.prefix_positions >= len(prefix)
+            assert own <= 6 * (stats.prompt_tokens / 18 - len(prefix) + 8)
+        out = pq.read_table(tmp_path / f"out-{split}" / result.staged)
+        outputs[split] = out.select(["row_id", "sample_index", "generation"]).to_pylist()
+    assert outputs[True] == outputs[False]
