@@ -318,3 +318,103 @@ def test_echo_engine_needs_no_model():
     assert [(c.text, c.finish_reason) for c in out] == [("[echo]", "stop")] * 2
     with pytest.raises(ModelError, match="'echo' has no chat template"):
         check_model(ModelSpec(path="none", engine="echo"), GenerationSpec(), InputSpec(path="x", chat=True))
+
+
+def _buffers(model):
+    return {name: (b.dtype, b.clone()) for name, b in model.named_buffers()}
+
+
+@pytest.mark.parametrize("path", ["slots", "hf"])
+def test_a_float32_retry_leaves_buffers_and_later_outputs_unchanged(tiny_model, path):
+    """The float32 retry used to upcast the whole model and cast it back with model.to(bf16),
+    turning float32 buffers such as RoPE's inv_freq into bf16 for good: later rows changed."""
+    import torch
+
+    bf16 = Engine.load(ModelSpec(path=tiny_model, dtype="bfloat16"),
+                       GenerationSpec(max_new_tokens=12, temperature=1.0),
+                       ResourcesSpec(batch_size=4))
+    bf16.path = path
+    buffers = _buffers(bf16.model)
+    assert any(dtype == torch.float32 for dtype, _ in buffers.values())  # inv_freq
+    reqs = [Request(r.prompt_ids, r.seed) for r in requests(bf16, PROMPTS * 2, seed=40)]
+    before = [c.token_ids for c in bf16.generate(reqs)]
+    target = reqs[1].prompt_ids
+
+    def nan_once_in_bf16(rows, width, dtype, ids):
+        return dtype == torch.bfloat16 and any(
+            row[:len(target)] == list(target) or row[-len(target):] == list(target)
+            for row in ids.tolist()) and width > 1
+
+    with faults(bf16, nan_once_in_bf16):
+        bf16.generate(reqs[:2])
+    assert bf16.stats.float32_retries >= 1
+    after = _buffers(bf16.model)
+    assert {k: d for k, (d, _) in after.items()} == {k: d for k, (d, _) in buffers.items()}
+    assert all(torch.equal(after[k][1], v) for k, (_, v) in buffers.items())
+    assert all(p.dtype == torch.bfloat16 for p in bf16.model.parameters())
+    assert [c.token_ids for c in bf16.generate(reqs)] == before
+
+
+def test_running_out_of_memory_while_upcasting_restores_the_weights(tiny_model, monkeypatch):
+    """An out-of-memory half-way through the float32 upcast used to happen outside the try:
+    the model stayed half float32 and the replica failed every shard after."""
+    import torch
+
+    bf16 = Engine.load(ModelSpec(path=tiny_model, dtype="bfloat16"),
+                       GenerationSpec(max_new_tokens=8), ResourcesSpec(batch_size=4))
+    reqs = requests(bf16)
+    before = [c.token_ids for c in bf16.generate(reqs)]
+
+    params = list(bf16.model.parameters())
+    victim = params[len(params) // 2].data_ptr()  # half-way through the upcast
+    real_float, failed = torch.Tensor.float, []
+
+    def upcast(self, *args, **kwargs):
+        if self.data_ptr() == victim and self.dtype == torch.bfloat16:
+            failed.append(True)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return real_float(self, *args, **kwargs)
+
+    target = reqs[1].prompt_ids
+
+    def nan_on_target(rows, width, dtype, ids):
+        return any(row[:len(target)] == list(target) or row[-len(target):] == list(target)
+                   for row in ids.tolist()) and width > 1
+
+    with faults(bf16, nan_on_target), monkeypatch.context() as patch:
+        patch.setattr(torch.Tensor, "float", upcast)
+        got = bf16.generate(reqs)
+    assert failed and got[1].finish_reason == "error"
+    assert "float32 retry ran out of memory" in got[1].error
+    assert all(p.dtype == torch.bfloat16 for p in bf16.model.parameters())
+    assert [c.token_ids for c in bf16.generate(reqs)] == before
+
+
+def test_sliding_window_models_on_the_hf_path_match_generate():
+    """Stacked prefill caches assumed full-attention layers: a sliding-window model with prompts
+    of different lengths past its window got wrong attention on the Hugging Face path."""
+    import torch
+
+    from archs import VOCAB, build
+
+    model = build("mistral_sliding")
+    tok = _ZooTokenizer()
+    eng = Engine(model, tok, GenerationSpec(max_new_tokens=10, ignore_eos=True),
+                 max_input_tokens=None, batch_size=8, path="hf")
+    prompts = [tuple(3 + (i * 7 + k) % (VOCAB - 3) for i in range(n))
+               for k, n in enumerate((30, 4, 27, 12, 29, 5, 22, 31))]
+    got = eng.generate([Request(p, 0) for p in prompts])
+    for p, c in zip(prompts, got):
+        ids = torch.tensor([p])
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=10, min_new_tokens=10, pad_token_id=0)
+        assert c.token_ids == ref[0, len(p):].tolist()
+
+
+class _ZooTokenizer:
+    """What the engine needs of a tokenizer, for the zoo's models (no vocabulary files)."""
+
+    pad_token_id, eos_token_id, model_max_length = 0, 1, 256
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
