@@ -9,17 +9,18 @@
    rendering of the job's prompt starts with) is prefilled as prefix + suffix: the prefix's
    keys, computed once per decoder, are copied into the slot and only the suffix is computed.
    The split depends on the prompt alone, never on the batch.
-3. **Decode** one token for every live row. The batch is the live rows, at least
-   ``MIN_ROWS`` (padding rows write to the scratch slot); finished rows free their slots at
-   once and waiting prompts take them, so the batch stays full until the queue drains.
+3. **Decode** one token for every live row. The batch is the live rows, padded up to a
+   multiple of ``MIN_ROWS`` (padding rows write to the scratch slot); finished rows free their
+   slots at once and waiting prompts take them, so the batch stays full until the queue drains.
 4. **Read back one step late**: a step's tokens are read after the next step is launched, so the
    host never waits for the device inside the loop. A row that stopped runs one step more; that
    token is dropped (it never reaches the output).
 
 Invariance: prefill widths are the suffix length rounded up to ``PREFILL_BLOCK``; decode GEMMs
-see at least ``MIN_ROWS`` rows; attention depends only on a row's own key length
-(``attention``); noise is a pure function of (seed, step, token) (``sampling``). So a row's
-tokens are bitwise the same alone, in any batch, forked or not, admitted early or late.
+and the LM head see a multiple of ``MIN_ROWS`` rows (so do prefill GEMMs: widths are multiples
+of ``PREFILL_BLOCK``); attention depends only on a row's own key length (``attention``); noise
+is a pure function of (seed, step, token) (``sampling``). So a row's tokens are bitwise the same
+alone, in any batch, forked or not, admitted early or late.
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ from batchgen.sampling import Sampler, mark_seen, seen_from_prompts
 from batchgen.slots import SlotCache
 
 PREFILL_BLOCK = 8  # prefill widths: the prompt (or suffix) length rounded up to this
-MIN_ROWS = 4  # F.linear on CPU is bitwise stable per row only from 4 rows up (ENGINE.md)
+# F.linear on CPU (fp32, MKL) gives a row the same bits in any GEMM whose row count is a multiple
+# of 4; with 2+ threads, other counts >= 4 differ too (5-7 and 9-11 on 2 threads, 17-19 on 16):
+# rows are padded to a multiple of MIN_ROWS, not just to MIN_ROWS.
+MIN_ROWS = 4
 
 
 class NonFiniteLogits(RuntimeError):
@@ -135,11 +139,13 @@ class SlotDecoder:
                     ready.synchronize()
                 self._read(rows, packed.tolist())
             pending = [launched] if launched else []
+            # A finished row leaves now, even if the step in flight still computes it: what that
+            # step writes into its slot comes before the next prompt's prefill there (one
+            # stream), and its token is dropped on reading (``_read``).
             for r in [r for r in self.live if r.reason is not None]:
-                if launched is None or r not in launched[0]:
-                    self.live.remove(r)
-                    self.cache.release(r.slot)
-                    done.append(r)
+                self.live.remove(r)
+                self.cache.release(r.slot)
+                done.append(r)
             if not self.queue and not self.live and not pending:
                 break
         out: list[tuple[list[int], str]] = [([], "length")] * len(requests)
@@ -246,7 +252,7 @@ class SlotDecoder:
     def _decode(self, rows: list[_Row]):
         dev = self.device
         n = len(rows)
-        b = max(MIN_ROWS, n)
+        b = round_up(n, MIN_ROWS)
         slots = [r.slot for r in rows] + [self.cache.scratch] * (b - n)
         positions = [r.length for r in rows] + [0] * (b - n)
         buckets: dict[int, list[int]] = {}
@@ -296,8 +302,8 @@ class SlotDecoder:
         return out[0]
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """LM head over at least MIN_ROWS rows (bitwise stable per row), float32."""
+        """LM head over a multiple of MIN_ROWS rows (bitwise stable per row), float32."""
         n = hidden.shape[0]
-        if n < MIN_ROWS:
-            hidden = torch.cat([hidden, hidden[:1].expand(MIN_ROWS - n, -1)])
+        if n % MIN_ROWS:
+            hidden = torch.cat([hidden, hidden[:1].expand(round_up(n, MIN_ROWS) - n, -1)])
         return self.head(hidden)[:n].float()
