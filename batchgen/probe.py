@@ -2,10 +2,11 @@
 
 A few small prompts go through the slot decoder (greedy, EOS ignored) and through the model's
 own Hugging Face attention; the slot path serves the model only if every layer called the slot
-attention function and every token it chose is also Hugging Face's choice (a near tie, within
-``TIE``, counts as a match). Anything else — an exception, a layer that bypasses
-``AttentionInterface``, softcapping, sinks, ALiBi, logit scaling outside the LM head — sends the
-model to the Hugging Face path, with the reason. Never silently wrong.
+attention function, the LM head applied to the base model's output gives the model's own logits,
+and every token it chose is also Hugging Face's choice (a near tie, within ``TIE``, counts as a
+match). Anything else — an exception, a layer that bypasses ``AttentionInterface``, softcapping,
+sinks, ALiBi, logit scaling outside the LM head — sends the model to the Hugging Face path, with
+the reason. Never silently wrong.
 """
 
 from __future__ import annotations
@@ -63,6 +64,13 @@ def _compare(model: Any, decoder: Any, context: int | None) -> tuple[bool, str]:
     tie = TIE if next(model.parameters()).dtype == torch.float32 else TIE_HALF
     use_own(model)  # the reference: the model's own attention
     try:
+        # The decoder's logits are head(base_model(...)): a model that scales or caps its
+        # logits after the head (granite, cohere) keeps its argmax but not its distribution.
+        ids = torch.tensor([list(prompts[0])], device=decoder.device)
+        own = model(input_ids=ids, use_cache=False).logits.float()
+        head = decoder.head(model.base_model(input_ids=ids, use_cache=False)[0]).float()
+        if not torch.allclose(head, own, rtol=tie, atol=tie * max(1.0, float(own.abs().max()))):
+            return False, "the model transforms its logits after the LM head (scaling, softcap)"
         for prompt, (tokens, _) in zip(prompts, got):
             ids = torch.tensor([list(prompt) + tokens[:-1]], device=decoder.device)
             logits = model(input_ids=ids).logits[0, len(prompt) - 1:].float()
