@@ -51,3 +51,41 @@ class Timer:
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.t0
+
+
+def shared_prefix_prompts(rows: int, vocab: int, seed: int = 0, prefix_len: int = 190,
+                          lo: int = 25, hi: int = 50, skip: int = 16
+                          ) -> tuple[list[int], list[list[int]]]:
+    """A synthetic-data job in token ids: one shared prefix of ``prefix_len`` ids (the system
+    prompt and few-shot examples every rendering starts with), then a unique part of ``lo``..``hi``
+    ids per row (random lengths). Seeded. Returns (the shared ids, the full prompts)."""
+    rng = random.Random(seed)
+    shared = [rng.randrange(skip, vocab) for _ in range(prefix_len)]
+    prompts = [shared + [rng.randrange(skip, vocab) for _ in range(rng.randint(lo, hi))]
+               for _ in range(rows)]
+    return shared, prompts
+
+
+def common_token_prefix(prompts: list[list[int]]) -> tuple[int, ...]:
+    """The longest common token prefix of the rendered prompts, minus its last token (a shared
+    text's last token can merge with what follows it when a row is tokenized whole)."""
+    first = prompts[0]
+    n = len(first)
+    for p in prompts[1:]:
+        n = min(n, len(p))
+        for i in range(n):
+            if p[i] != first[i]:
+                n = i
+                break
+    return tuple(first[:max(0, n - 1)])
+
+
+def cpu_pressure() -> float | None:
+    """Linux PSI: the share of the last 5 minutes (%) in which some runnable task waited for a
+    CPU; high when other work shares the cores. None where /proc/pressure is absent."""
+    try:
+        line = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return None
+    fields = dict(f.split("=") for f in line.split()[1:])
+    return float(fields["avg300"]) if "avg300" in fields else None
