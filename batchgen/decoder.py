@@ -32,6 +32,7 @@ from typing import Any, Callable
 import torch
 
 from batchgen.attention import KWARG, Decode, Prefill, key_length, use_slots
+from batchgen.graphs import StepGraphs
 from batchgen.sampling import Sampler, mark_seen, seen_from_prompts
 from batchgen.slots import SlotCache
 
@@ -40,6 +41,15 @@ PREFILL_BLOCK = 8  # prefill widths: the prompt (or suffix) length rounded up to
 # of 4; with 2+ threads, other counts >= 4 differ too (5-7 and 9-11 on 2 threads, 17-19 on 16):
 # rows are padded to a multiple of MIN_ROWS, not just to MIN_ROWS.
 MIN_ROWS = 4
+
+
+GRAPH_KEY_BLOCK = 256  # with CUDA graphs, the step's key length is rounded up to this
+
+
+def graph_rows(n: int) -> int:
+    """Rows of a graphed decode step for n live rows: 4, 8, then multiples of 16 (one graph
+    each, as nano-vllm buckets them)."""
+    return 4 if n <= 4 else 8 if n <= 8 else round_up(n, 16)
 
 
 class NonFiniteLogits(RuntimeError):
@@ -60,6 +70,27 @@ class _Row:
     reason: str | None = None  # set when the row has finished
 
 
+class SlotState:
+    """What the decoder keeps on the device from one run to the next: the slot cache, each
+    slot's last token, seed and seen tokens, and the CUDA graphs that point at them. Replaced
+    (graphs and all) when a run needs more room or another dtype."""
+
+    def __init__(self, slots: int, capacity: int, device, dtype, vocab: int, penalty: bool,
+                 graph_factory: Callable[[], Any] | None, step: Callable):
+        self.cache = SlotCache(slots, capacity, device)
+        self.dtype = dtype
+        self.last_token = torch.zeros(slots + 1, dtype=torch.long, device=device)
+        self.seeds = torch.zeros(slots + 1, dtype=torch.long, device=device)
+        self.seeds[-1] = -1  # the scratch slot's: padding rows are sampled too, and ignored
+        self.seen = (torch.zeros((slots + 1, vocab), dtype=torch.bool, device=device)
+                     if penalty else None)
+        self.graphs = StepGraphs(step, graph_factory) if graph_factory is not None else None
+
+    def fits(self, slots: int, capacity: int, dtype, penalty: bool) -> bool:
+        return (self.cache.slots == slots and self.cache.capacity >= capacity
+                and self.dtype == dtype and (self.seen is not None) == penalty)
+
+
 @dataclass
 class DecodeStats:
     prefill_positions: int = 0  # prompt positions computed, padding included
@@ -74,7 +105,8 @@ class DecodeStats:
 class SlotDecoder:
     def __init__(self, model: Any, gen: Any, *, eos_ids: set[int], pad_id: int,
                  slots: int, max_batch_tokens: int, hit_stop: Callable[[list[int]], bool],
-                 prefix: tuple[int, ...] = (), prefix_kv: dict | None = None):
+                 prefix: tuple[int, ...] = (), prefix_kv: dict | None = None,
+                 state: dict | None = None, graph_factory: Callable[[], Any] | None = None):
         self.model = model
         self.base = model.base_model
         self.head = model.get_output_embeddings()
@@ -91,6 +123,9 @@ class SlotDecoder:
         # The prefix's keys per dtype; the engine passes one dict to all its decoders.
         self._prefix_kv: dict[torch.dtype, dict] = {} if prefix_kv is None else prefix_kv
         self.layers_seen: set[int] = set()  # layers that called the slot attention (probe)
+        # The device state, kept by the engine across runs in this dict ("slots" key).
+        self._state = {} if state is None else state
+        self.graph_factory = graph_factory  # CUDA graphs for decode steps (None: eager)
 
     # -- the split of a prompt -----------------------------------------------------------
 
@@ -118,20 +153,33 @@ class SlotDecoder:
         capacity = round_up(max(max(self.extent(p), len(p) + max_new + 1) for p in groups)
                             + (round_up(len(self.prefix), PREFILL_BLOCK) if self.prefix else 0),
                             64)
+        held = self._state.get("slots")
+        if held is not None:  # the capacity only grows: a kept state is not replaced for less
+            capacity = max(capacity, held.cache.capacity)
         slots = max(min(self.slots, max(1, self.max_batch_tokens // capacity)),
                     max(len(g) for g in groups.values()))
-        self.cache = SlotCache(slots, capacity, self.device)
+        dtype = next(self.model.parameters()).dtype
+        penalty = self.gen.repetition_penalty != 1.0
+        if held is None or not held.fits(slots, capacity, dtype, penalty):
+            held = self._state["slots"] = None  # free the old cache before the new one
+            vocab = self.head.weight.shape[0]
+            held = self._state["slots"] = SlotState(
+                slots, capacity, self.device, dtype, vocab, penalty, self.graph_factory,
+                self._graph_step)
+        self.state = held
+        held.cache.release_all()
+        self.cache, self.last_token, self.seeds = held.cache, held.last_token, held.seeds
+        self.seen = held.seen
         self.requests = requests
-        n_slots = slots + 1
-        self.last_token = torch.zeros(n_slots, dtype=torch.long, device=self.device)
-        self.seeds = torch.zeros(n_slots, dtype=torch.long, device=self.device)
-        self.seen = None
         self.queue = deque(groups.items())
         self.live: list[_Row] = []
         done: list[_Row] = []
         pending: list[tuple[list[_Row], torch.Tensor, Any]] = []
         while True:
             pending.extend(self._admit())
+            if self.queue and not self.live:  # nothing runs, nothing admitted: never wait forever
+                raise RuntimeError(f"{len(self.queue[0][1])} samples of one prompt need more "
+                                   f"than the {self.cache.free} free slots")
             stepping = [r for r in self.live if r.reason is None and r.sampled < max_new]
             launched = self._decode(stepping) if stepping else None
             for rows, packed, ready in pending:
@@ -221,10 +269,7 @@ class SlotDecoder:
         slots = torch.tensor([r.slot for r in children], device=dev)
         self.seeds[slots] = torch.tensor([self.requests[r.index].seed for r in children],
                                          dtype=torch.long, device=dev)
-        if self.gen.repetition_penalty != 1.0:
-            if self.seen is None:
-                self.seen = torch.zeros((self.cache.slots + 1, logits.shape[-1]),
-                                        dtype=torch.bool, device=dev)
+        if self.seen is not None:
             self.seen[slots] = seen_from_prompts(
                 logits.shape[-1], [items[i][0] for i in which], dev)
         return self._sample(children, slots, logits[torch.tensor(which, device=dev)])
@@ -252,21 +297,34 @@ class SlotDecoder:
     def _decode(self, rows: list[_Row]):
         dev = self.device
         n = len(rows)
-        b = round_up(n, MIN_ROWS)
+        graphs = self.state.graphs
+        graphed = graphs is not None and graphs.enabled
+        b = graph_rows(n) if graphed else round_up(n, MIN_ROWS)
         slots = [r.slot for r in rows] + [self.cache.scratch] * (b - n)
         positions = [r.length for r in rows] + [0] * (b - n)
-        buckets: dict[int, list[int]] = {}
-        for i, p in enumerate(positions):
-            buckets.setdefault(key_length(p), []).append(i)
         slots_t = torch.tensor(slots, device=dev)
-        positions_t = torch.tensor(positions, device=dev)
-        step = Decode(self.cache, slots_t, positions_t,
-                      [(torch.tensor(idx, device=dev), length)
-                       for length, idx in sorted(buckets.items())])
-        hidden = self._hidden(self.last_token[slots_t][:, None], positions_t[:, None], step)
-        logits = self._logits(hidden[:, -1])[:n]
+        inputs = {"ids": self.last_token[slots_t],
+                  "positions": torch.tensor(positions, device=dev),
+                  "slots": slots_t,
+                  "seeds": self.seeds[slots_t],
+                  "steps": torch.tensor([r.sampled for r in rows] + [0] * (b - n), device=dev)}
+        if graphed:
+            # One key length for the whole step (a graph per (rows, key length) bucket).
+            longest = max(key_length(p) for p in positions)
+            length = min(round_up(longest, GRAPH_KEY_BLOCK), self.cache.capacity)
+            packed = graphs((b, length), inputs)["packed"]
+        else:
+            # One SDPA call per key-length bucket: a row attends over the same key length
+            # whatever its neighbours (bitwise invariance on CPU).
+            buckets: dict[int, list[int]] = {}
+            for i, p in enumerate(positions):
+                buckets.setdefault(key_length(p), []).append(i)
+            groups = [(torch.tensor(idx, device=dev), length)
+                      for length, idx in sorted(buckets.items())]
+            packed = self._step(groups, inputs)["packed"]
         for r in rows:
             r.length += 1
+            r.sampled += 1
         s = self.stats
         s.steps += 1
         s.row_steps += n
@@ -274,9 +332,29 @@ class SlotDecoder:
         if self.queue:
             s.busy_row_steps += n
             s.busy_slot_steps += self.cache.slots
-        return self._sample(rows, slots_t[:n], logits)
+        return self._readback(rows, packed[:, :n])
+
+    def _graph_step(self, key: tuple[int, int], inputs: dict[str, torch.Tensor]):
+        rows, length = key
+        return self._step([(torch.arange(rows, device=self.device), length)], inputs)
+
+    def _step(self, groups, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One decode step on device tensors only (no host sync: CUDA graphs capture it):
+        the model, the LM head, sampling, each slot's last token and seen tokens."""
+        slots, positions = inputs["slots"], inputs["positions"]
+        step = Decode(self.cache, slots, positions, groups)
+        hidden = self._hidden(inputs["ids"][:, None], positions[:, None], step)
+        logits = self.head(hidden[:, -1]).float()
+        seen = None if self.seen is None else self.seen[slots]
+        tokens = self.sampler.choose(logits, inputs["seeds"], inputs["steps"], seen)
+        self.last_token[slots] = tokens
+        if self.seen is not None:
+            mark_seen(self.seen, slots, tokens)
+        bad = (logits.isnan() | logits.isposinf()).any(-1)
+        return {"packed": torch.stack([tokens, bad.long()])}
 
     def _sample(self, rows: list[_Row], slots: torch.Tensor, logits: torch.Tensor):
+        """First tokens, from the prefill's logits."""
         steps = torch.tensor([r.sampled for r in rows], dtype=torch.long, device=self.device)
         tokens = self.sampler.choose(logits, self.seeds[slots], steps,
                                      None if self.seen is None else self.seen[slots])
@@ -286,7 +364,11 @@ class SlotDecoder:
         for r in rows:
             r.sampled += 1
         bad = (logits.isnan() | logits.isposinf()).any(-1)
-        packed = torch.stack([tokens, bad.long()])
+        return self._readback(rows, torch.stack([tokens, bad.long()]))
+
+    def _readback(self, rows: list[_Row], packed: torch.Tensor):
+        """(rows, tokens and non-finite flags, an event to wait on): copied to the host
+        without waiting; ``run`` reads them one step later."""
         if packed.device.type != "cuda":
             return rows, packed, None
         ready = torch.cuda.Event()

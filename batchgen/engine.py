@@ -152,6 +152,7 @@ class Engine:
         max_batch_tokens: int = 32768,
         path: str = "auto",
         prefix: tuple[int, ...] = (),
+        cuda_graphs: bool = True,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -166,6 +167,12 @@ class Engine:
         self.stats = EngineStats()
         self._prefix: tuple[int, ...] = ()
         self._prefix_kv: dict = {}  # the prefix's keys per dtype, computed once per replica
+        self._state: dict = {}  # the slot decoder's device state (cache, graphs) across runs
+        self.graph_factory = None
+        if cuda_graphs and self.device.type == "cuda":
+            from batchgen.graphs import _CudaGraph
+
+            self.graph_factory = _CudaGraph
         self.path, self.path_reason = self._choose_path(path)
         self.set_prefix(prefix)
 
@@ -199,10 +206,18 @@ class Engine:
     # -- the path --------------------------------------------------------------------------
 
     def _slot_decoder(self, gen: GenerationSpec, eos_ids: set[int], prefix=(),
-                      prefix_kv=None) -> SlotDecoder:
+                      prefix_kv=None, state=None) -> SlotDecoder:
         return SlotDecoder(self.model, gen, eos_ids=eos_ids, pad_id=self.pad_id,
                            slots=self.batch_size, max_batch_tokens=self.max_batch_tokens,
-                           hit_stop=self._hit_stop, prefix=prefix, prefix_kv=prefix_kv)
+                           hit_stop=self._hit_stop, prefix=prefix, prefix_kv=prefix_kv,
+                           state=state, graph_factory=self.graph_factory if state is not None
+                           else None)
+
+    @property
+    def graphs(self):
+        """The decode steps' CUDA graphs (``graphs.StepGraphs``), or None."""
+        state = self._state.get("slots")
+        return None if state is None else state.graphs
 
     def _choose_path(self, path: str) -> tuple[str, str]:
         if path == "hf":
@@ -332,7 +347,8 @@ class Engine:
         started = time.perf_counter()
         s = self.stats
         if self.path == "slots":
-            decoder = self._slot_decoder(self.gen, self.eos_ids, self._prefix, self._prefix_kv)
+            decoder = self._slot_decoder(self.gen, self.eos_ids, self._prefix, self._prefix_kv,
+                                         self._state)
             results = decoder.run(requests)
             d = decoder.stats
             s.padded_prompt_positions += d.prefill_positions

@@ -35,6 +35,10 @@ class SlotCache:
     def release(self, slot: int) -> None:
         self._free.append(slot)
 
+    def release_all(self) -> None:
+        """Every slot free again (a run starts; one that raised may have left slots taken)."""
+        self._free = list(range(self.slots - 1, -1, -1))
+
     # -- storage -------------------------------------------------------------------------
 
     def layer(self, index: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -99,6 +99,8 @@ class Recorder:
             for row, seed, step in zip(logits, seeds.tolist(), steps.tolist()):
                 if not recorder.on:  # e.g. the probe of an engine being built
                     break
+                if seed < 0:  # a padding row of a decode step (the scratch slot's seed)
+                    continue
                 assert (seed, step) not in recorder.logits, "seeds must be unique in a run"
                 recorder.logits[(seed, step)] = row.clone()
             return original(sampler, logits, seeds, steps, seen)
