@@ -74,15 +74,20 @@ class Decode:
     _masks: dict[Any, torch.Tensor] = field(default_factory=dict)
 
     def mask(self, g: int, sliding_window: int | None) -> torch.Tensor:
+        """[slots + 1, 1, 1, length] for group g: each of its rows' slot sees its own keys (and
+        no more than the window); every other slot sees key 0 only (its result is dropped)."""
         key = (g, sliding_window)
         m = self._masks.get(key)
         if m is None:
             rows, length = self.groups[g]
             q = self.positions[rows][:, None]
             k = torch.arange(length, device=q.device)[None, :]
-            m = k <= q
+            mine = k <= q
             if sliding_window:
-                m = m & (k > q - sliding_window)
+                mine = mine & (k > q - sliding_window)
+            m = torch.zeros((self.cache.slots + 1, length), dtype=torch.bool, device=q.device)
+            m[:, 0] = True
+            m[self.slots[rows]] = mine
             m = self._masks[key] = m[:, None, None, :]
         return m
 
@@ -121,16 +126,20 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
         out = F.scaled_dot_product_attention(
             q, key, value, attn_mask=step.mask(sliding_window, G, query.device), scale=scaling)
         return out.reshape(B, Hq, T, D).transpose(1, 2), None
-    # Decode: T == 1.
+    # Decode: T == 1. Attention runs over the cache in place, every slot at once (no gather of
+    # a row's keys): one call per key-length group, whose query rows are scattered to their
+    # slots; a row's result depends only on its own key length, never on its neighbours.
     keys[step.slots, :, step.positions] = key[:, :, 0]
     values[step.slots, :, step.positions] = value[:, :, 0]
     out = query.new_empty(B, Hkv, G, D)
     q_all = query.reshape(B, Hkv, G, D)
+    q_slots = query.new_zeros(keys.shape[0], Hkv, G, D)
     for g, (rows, length) in enumerate(step.groups):
         slots = step.slots[rows]
+        q_slots[slots] = q_all[rows]
         out[rows] = F.scaled_dot_product_attention(
-            q_all[rows], keys[slots, :, :length], values[slots, :, :length],
-            attn_mask=step.mask(g, sliding_window), scale=scaling)
+            q_slots, keys[:, :, :length], values[:, :, :length],
+            attn_mask=step.mask(g, sliding_window), scale=scaling)[slots]
     return out.reshape(B, Hq, 1, D).transpose(1, 2), None
 
 
