@@ -30,6 +30,7 @@ from batchgen.slots import SlotCache
 NAME = "batchgen_slots"
 KWARG = "batchgen_slots"
 KEY_BLOCK = 64  # decode key lengths are rounded up to this
+IN_PLACE_SHARE = 4  # a decode group of at least 1/4 of the slots attends over the cache in place
 
 
 class Unsupported(RuntimeError):
@@ -37,23 +38,33 @@ class Unsupported(RuntimeError):
 
 
 @dataclass
-class Prefill:
-    """New tokens of B sequences, all of width ``width``, written after ``offset`` keys already
-    in each slot (the job prefix, or none)."""
+class Segment:
+    """Rows of one prefill shape, contiguous in the packed sequence from token ``start``: each
+    row ``width`` tokens, written after ``offset`` keys already in its slot (the job prefix)."""
 
-    cache: SlotCache
-    slots: torch.Tensor  # [B] slot per row
+    slots: torch.Tensor  # [rows]
     offset: int
     width: int
+    start: int
+
+
+@dataclass
+class Prefill:
+    """New tokens of several prompts packed into one sequence (batch 1), in segments of one
+    shape each. The model's linear layers see every token in one GEMM (a row's bits do not
+    depend on the row count: a multiple of ``PREFILL_BLOCK``); attention runs per segment."""
+
+    cache: SlotCache
+    segments: list[Segment]
     layers_seen: set[int] = field(default_factory=set)
     _masks: dict[Any, torch.Tensor] = field(default_factory=dict)
 
-    def mask(self, sliding_window: int | None, groups: int, device) -> torch.Tensor:
-        key = (sliding_window, groups)
+    def mask(self, seg: Segment, sliding_window: int | None, groups: int, device) -> torch.Tensor:
+        key = (seg.offset, seg.width, sliding_window, groups)
         m = self._masks.get(key)
         if m is None:
-            q = torch.arange(self.width, device=device)[:, None] + self.offset
-            k = torch.arange(self.offset + self.width, device=device)[None, :]
+            q = torch.arange(seg.width, device=device)[:, None] + seg.offset
+            k = torch.arange(seg.offset + seg.width, device=device)[None, :]
             m = k <= q
             if sliding_window:
                 m = m & (k > q - sliding_window)
@@ -117,29 +128,47 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
     G = Hq // Hkv
     keys, values = step.cache.layer(layer, key)
     if isinstance(step, Prefill):
-        end = step.offset + step.width
-        keys[step.slots, :, step.offset:end] = key
-        values[step.slots, :, step.offset:end] = value
-        if step.offset:
-            key, value = keys[step.slots, :, :end], values[step.slots, :, :end]
-        q = query.reshape(B, Hkv, G * T, D)
-        out = F.scaled_dot_product_attention(
-            q, key, value, attn_mask=step.mask(sliding_window, G, query.device), scale=scaling)
-        return out.reshape(B, Hq, T, D).transpose(1, 2), None
-    # Decode: T == 1. Attention runs over the cache in place, every slot at once (no gather of
-    # a row's keys): one call per key-length group, whose query rows are scattered to their
-    # slots; a row's result depends only on its own key length, never on its neighbours.
+        outs = []
+        for seg in step.segments:
+            rows, width, offset = seg.slots.shape[0], seg.width, seg.offset
+            span = slice(seg.start, seg.start + rows * width)
+
+            def per_row(t: torch.Tensor, heads: int) -> torch.Tensor:  # -> [rows, heads, W, D]
+                return t[0, :, span].reshape(heads, rows, width, D).transpose(0, 1)
+
+            k, v = per_row(key, Hkv), per_row(value, Hkv)
+            end = offset + width
+            keys[seg.slots, :, offset:end] = k
+            values[seg.slots, :, offset:end] = v
+            if offset:
+                k, v = keys[seg.slots, :, :end], values[seg.slots, :, :end]
+            q = per_row(query, Hq).reshape(rows, Hkv, G * width, D)
+            o = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=step.mask(seg, sliding_window, G, query.device), scale=scaling)
+            outs.append(o.reshape(rows, Hq, width, D).transpose(0, 1).reshape(Hq, -1, D))
+        return torch.cat(outs, dim=1)[None].transpose(1, 2), None
+    # Decode: T == 1. One SDPA call per key-length group. A large group attends over the cache
+    # in place, every slot at once, its queries scattered to their slots (no copy of keys); a
+    # small one gathers its rows' keys. Either way a row's result is bitwise the same: it
+    # depends only on its own key length, never on its neighbours (tests/test_slots.py).
     keys[step.slots, :, step.positions] = key[:, :, 0]
     values[step.slots, :, step.positions] = value[:, :, 0]
     out = query.new_empty(B, Hkv, G, D)
     q_all = query.reshape(B, Hkv, G, D)
-    q_slots = query.new_zeros(keys.shape[0], Hkv, G, D)
+    q_slots = None
     for g, (rows, length) in enumerate(step.groups):
         slots = step.slots[rows]
-        q_slots[slots] = q_all[rows]
-        out[rows] = F.scaled_dot_product_attention(
-            q_slots, keys[:, :, :length], values[:, :, :length],
-            attn_mask=step.mask(g, sliding_window), scale=scaling)[slots]
+        if rows.shape[0] * IN_PLACE_SHARE >= keys.shape[0]:
+            if q_slots is None:
+                q_slots = query.new_zeros(keys.shape[0], Hkv, G, D)
+            q_slots[slots] = q_all[rows]
+            out[rows] = F.scaled_dot_product_attention(
+                q_slots, keys[:, :, :length], values[:, :, :length],
+                attn_mask=step.mask(g, sliding_window), scale=scaling)[slots]
+        else:
+            out[rows] = F.scaled_dot_product_attention(
+                q_all[rows], keys[slots, :, :length], values[slots, :, :length],
+                attn_mask=step.mask(g, sliding_window)[slots], scale=scaling)
     return out.reshape(B, Hq, 1, D).transpose(1, 2), None
 
 

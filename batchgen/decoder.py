@@ -31,7 +31,8 @@ from typing import Any, Callable
 
 import torch
 
-from batchgen.attention import KWARG, Decode, Prefill, key_length, use_slots
+from batchgen.attention import (KEY_BLOCK, KWARG, Decode, Prefill, Segment, key_length,
+                                 use_slots)
 from batchgen.graphs import StepGraphs
 from batchgen.sampling import Sampler, mark_seen, seen_from_prompts
 from batchgen.slots import SlotCache
@@ -152,7 +153,7 @@ class SlotDecoder:
         max_new = self.gen.max_new_tokens
         capacity = round_up(max(max(self.extent(p), len(p) + max_new + 1) for p in groups)
                             + (round_up(len(self.prefix), PREFILL_BLOCK) if self.prefix else 0),
-                            64)
+                            KEY_BLOCK)  # every decode key length (``key_length``) fits
         held = self._state.get("slots")
         if held is not None:  # the capacity only grows: a kept state is not replaced for less
             capacity = max(capacity, held.cache.capacity)
@@ -224,45 +225,50 @@ class SlotDecoder:
             admitted.append((prompt, rows))
         if not admitted:
             return []
-        # Prefill groups: one (split, width) each, cut under the token budget.
-        by_shape: dict[tuple[int, int], list[tuple[tuple[int, ...], list[_Row]]]] = {}
-        for prompt, rows in admitted:
-            s = self.split(prompt)
-            by_shape.setdefault((s, round_up(len(prompt) - s, PREFILL_BLOCK)), []).append(
-                (prompt, rows))
-        results = []
-        for (offset, width), items in sorted(by_shape.items()):
-            per_chunk = max(1, self.max_batch_tokens // (offset + width))
-            for a in range(0, len(items), per_chunk):
-                results.append(self._prefill(items[a:a + per_chunk], offset, width))
+        # One packed prefill per chunk of the token budget, prompts sorted by (split, width):
+        # each shape's rows are contiguous, one attention call per shape.
+        shaped = sorted(((self.split(p), round_up(len(p) - self.split(p), PREFILL_BLOCK)), p, rows)
+                        for p, rows in admitted)
+        results, chunk, tokens = [], [], 0
+        for shape, prompt, rows in shaped:
+            if chunk and tokens + shape[1] > self.max_batch_tokens:
+                results.append(self._prefill(chunk))
+                chunk, tokens = [], 0
+            chunk.append((shape, prompt, rows))
+            tokens += shape[1]
+        results.append(self._prefill(chunk))
         self.live.extend(r for _, rows in admitted for r in rows)
         return results
 
-    def _prefill(self, items, offset: int, width: int):
+    def _prefill(self, items):
+        """Prefill ``items`` ((offset, width), prompt, rows) in one forward, packed."""
         dev = self.device
-        g = len(items)
-        ids = torch.full((g, width), self.pad_id, dtype=torch.long)
-        positions = torch.empty((g, width), dtype=torch.long)
-        last = []
-        for i, (prompt, _) in enumerate(items):
+        total = sum(width for (_, width), _, _ in items)
+        ids = torch.full((1, total), self.pad_id, dtype=torch.long)
+        positions = torch.empty((1, total), dtype=torch.long)
+        last, segments, start = [], [], 0
+        for (offset, width), prompt, rows in items:
             suffix = prompt[offset:]
-            ids[i, :len(suffix)] = torch.tensor(suffix, dtype=torch.long)
-            positions[i] = offset + torch.arange(width).clamp(max=len(suffix) - 1)
-            last.append(len(suffix) - 1)
-        first_slots = [rows[0].slot for _, rows in items]
-        if offset:
-            saved = self._prefix()
-            for slot in first_slots:
-                self.cache.load(slot, saved)
-        step = Prefill(self.cache, torch.tensor(first_slots, device=dev), offset, width)
+            ids[0, start:start + len(suffix)] = torch.tensor(suffix, dtype=torch.long)
+            positions[0, start:start + width] = offset + torch.arange(width).clamp(
+                max=len(suffix) - 1)
+            last.append(start + len(suffix) - 1)
+            if segments and (segments[-1][0], segments[-1][1]) == (offset, width):
+                segments[-1][3].append(rows[0].slot)
+            else:
+                segments.append((offset, width, start, [rows[0].slot]))
+            if offset:
+                self.cache.load(rows[0].slot, self._prefix())
+            start += width
+        step = Prefill(self.cache, [Segment(torch.tensor(slots, device=dev), offset, width, at)
+                                    for offset, width, at, slots in segments])
         hidden = self._hidden(ids.to(dev), positions.to(dev), step)
-        hidden = hidden[torch.arange(g, device=dev), torch.tensor(last, device=dev)]
-        logits = self._logits(hidden)
-        self.stats.prefill_positions += g * width
+        logits = self._logits(hidden[0, torch.tensor(last, device=dev)])
+        self.stats.prefill_positions += total
         # Fork: the prompt's keys into its other samples' slots; every sample draws its first
         # token from the shared logits with its own seed.
         children, which = [], []
-        for i, (prompt, rows) in enumerate(items):
+        for i, (_, prompt, rows) in enumerate(items):
             self.cache.copy(rows[0].slot, [r.slot for r in rows[1:]], len(prompt))
             children.extend(rows)
             which.extend([i] * len(rows))
@@ -271,7 +277,7 @@ class SlotDecoder:
                                          dtype=torch.long, device=dev)
         if self.seen is not None:
             self.seen[slots] = seen_from_prompts(
-                logits.shape[-1], [items[i][0] for i in which], dev)
+                logits.shape[-1], [items[i][1] for i in which], dev)
         return self._sample(children, slots, logits[torch.tensor(which, device=dev)])
 
     def _prefix(self) -> dict:
@@ -285,7 +291,8 @@ class SlotDecoder:
             ids[0, :p] = torch.tensor(self.prefix, dtype=torch.long)
             positions = torch.arange(width).clamp(max=p - 1)[None]
             scratch = self.cache.scratch
-            step = Prefill(self.cache, torch.tensor([scratch], device=self.device), 0, width)
+            step = Prefill(self.cache, [Segment(torch.tensor([scratch], device=self.device), 0,
+                                                width, 0)])
             self._hidden(ids.to(self.device), positions.to(self.device), step)
             saved = self._prefix_kv[dtype] = self.cache.save(scratch, p)
             self.stats.prefill_positions += width

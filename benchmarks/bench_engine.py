@@ -343,8 +343,11 @@ def main() -> None:
                     help="rows of the synthetic-data workload on the GPT-2 shape (default 8)")
     ap.add_argument("--gpt2-rows-per-batch", type=int, default=0,
                     help="rows per model.generate batch there (default 4: 16 sequences)")
+    ap.add_argument("--only", choices=["greedy", "synthetic", "eos"],
+                    help="one section (default: all)")
     args = ap.parse_args()
     quick = args.quick
+    run = (lambda section: args.only in (None, section))
     torch.set_num_threads(max(1, torch.get_num_threads()))
     from transformers import AutoModelForCausalLM
 
@@ -356,33 +359,36 @@ def main() -> None:
     tiny = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     gpt2 = gpt2_small_random(tok)
 
-    with Timer() as t:
-        n = 8 if quick else 64
-        prompts = random_prompts(prompt_lengths(n, seed=1), vocab=len(tok))
-        bench_model("tiny", tiny, tok, prompts, new_tokens=32, batch_size=16)
-    log(f"tiny greedy: {t.seconds:.1f}s")
-    with Timer() as t:
-        n = 2 if quick else 16
-        # Token ids from the tiny tokenizer's range: the model is random, only the shapes matter.
-        prompts = random_prompts(prompt_lengths(n, seed=2), vocab=len(tok))
-        bench_model("gpt2-small-shaped", gpt2, tok, prompts, new_tokens=8 if quick else 32,
-                    batch_size=8)
-    log(f"gpt2 greedy: {t.seconds:.1f}s")
-    with Timer() as t:
-        bench_synthetic("tiny", tiny, tok, rows=16 if quick else 64, rows_per_batch=8,
-                        slots=64, target=1.5, rounds=1 if quick else 3)
-    log(f"tiny synthetic: {t.seconds:.1f}s")
-    with Timer() as t:
-        rows = args.gpt2_rows or (2 if quick else 8)
-        per_batch = args.gpt2_rows_per_batch or (1 if quick else 4)
-        bench_synthetic("gpt2-small-shaped", gpt2, tok, rows=rows, rows_per_batch=per_batch,
-                        slots=min(64, rows * SYN_N), target=3.0,
-                        new_tokens=8 if quick else SYN_NEW)
-    log(f"gpt2 synthetic: {t.seconds:.1f}s")
-    with Timer() as t:
-        bench_eos("tiny", tiny, tok, count=64 if quick else 256, slots=16 if quick else 32,
-                  rounds=1 if quick else 3)
-    log(f"tiny eos: {t.seconds:.1f}s")
+    if run("greedy"):
+        with Timer() as t:
+            n = 8 if quick else 64
+            prompts = random_prompts(prompt_lengths(n, seed=1), vocab=len(tok))
+            bench_model("tiny", tiny, tok, prompts, new_tokens=32, batch_size=16)
+        log(f"tiny greedy: {t.seconds:.1f}s")
+        with Timer() as t:
+            n = 2 if quick else 16
+            # Token ids from the tiny tokenizer's range: the model is random, only shapes matter.
+            prompts = random_prompts(prompt_lengths(n, seed=2), vocab=len(tok))
+            bench_model("gpt2-small-shaped", gpt2, tok, prompts, new_tokens=8 if quick else 32,
+                        batch_size=8)
+        log(f"gpt2 greedy: {t.seconds:.1f}s")
+    if run("synthetic"):
+        with Timer() as t:
+            bench_synthetic("tiny", tiny, tok, rows=16 if quick else 64, rows_per_batch=8,
+                            slots=64, target=1.5, rounds=1 if quick else 3)
+        log(f"tiny synthetic: {t.seconds:.1f}s")
+        with Timer() as t:
+            rows = args.gpt2_rows or (2 if quick else 8)
+            per_batch = args.gpt2_rows_per_batch or (1 if quick else 4)
+            bench_synthetic("gpt2-small-shaped", gpt2, tok, rows=rows, rows_per_batch=per_batch,
+                            slots=min(64, rows * SYN_N), target=3.0,
+                            new_tokens=8 if quick else SYN_NEW)
+        log(f"gpt2 synthetic: {t.seconds:.1f}s")
+    if run("eos"):
+        with Timer() as t:
+            bench_eos("tiny", tiny, tok, count=64 if quick else 256, slots=16 if quick else 32,
+                      rounds=1 if quick else 3)
+        log(f"tiny eos: {t.seconds:.1f}s")
     emit(bench="environment", torch_threads=torch.get_num_threads(), cpu_pressure=cpu_pressure(),
          note="cpu_pressure: /proc/pressure/cpu 'some' avg300 at the end (%): other work on "
               "the shared cores; each ratio is measured side by side to cancel it out")

@@ -159,14 +159,23 @@ def faults(engine, fault):
     """Inject a fault into the engine's model passes, the way a GPU would: running out of memory
     on big batches, or overflowing to NaN in half precision. ``fault(rows, width, dtype, ids)``
     sees each pass's real rows (padding rows left out), its width (1 for a decode step), the
-    weights' dtype and its input ids; it may raise, or return True to turn that pass's output
+    weights' dtype and its input ids (a list per row); it may raise, or return True to turn that pass's output
     NaN."""
+
+    from batchgen.attention import Prefill
     from batchgen.decoder import SlotDecoder
     from batchgen.hfdecode import HFDecoder
 
     def slot_hidden(self, ids, positions, step):
-        rows = int((step.slots != self.cache.scratch).sum())
-        nan = fault(rows, ids.shape[1], next(self.model.parameters()).dtype, ids)
+        if isinstance(step, Prefill):  # prompts packed into one sequence: one row each
+            rows, width = sum(len(s.slots) for s in step.segments), max(
+                s.width for s in step.segments)
+            flat = ids[0].tolist()
+            seen = [flat[s.start + i * s.width:s.start + (i + 1) * s.width]
+                    for s in step.segments for i in range(len(s.slots))]
+        else:
+            rows, width, seen = int((step.slots != self.cache.scratch).sum()), 1, ids.tolist()
+        nan = fault(rows, width, next(self.model.parameters()).dtype, seen)
         hidden = real_slot_hidden(self, ids, positions, step)
         return hidden * float("nan") if nan else hidden
 
@@ -176,7 +185,7 @@ def faults(engine, fault):
 
         def __call__(self, **kw):
             ids = kw["input_ids"]
-            nan = fault(ids.shape[0], ids.shape[1], self._model.dtype, ids)
+            nan = fault(ids.shape[0], ids.shape[1], self._model.dtype, ids.tolist())
             out = self._model(**kw)
             if nan:
                 out.logits[:] = float("nan")
@@ -265,7 +274,7 @@ def test_nan_logits_in_half_precision_are_retried_alone_in_float32(tiny_model, p
     target = reqs[1].prompt_ids  # "The cat"
 
     def holds(ids):  # a pass over the prompt: its prefill
-        text = [",".join(map(str, row)) for row in ids.tolist()]
+        text = [",".join(map(str, row)) for row in ids]
         return any(",".join(map(str, target)) in t for t in text)
 
     def nan_in_bf16(rows, width, dtype, ids):  # the prefill holding that prompt overflows
@@ -343,7 +352,7 @@ def test_a_float32_retry_leaves_buffers_and_later_outputs_unchanged(tiny_model, 
     def nan_once_in_bf16(rows, width, dtype, ids):
         return dtype == torch.bfloat16 and any(
             row[:len(target)] == list(target) or row[-len(target):] == list(target)
-            for row in ids.tolist()) and width > 1
+            for row in ids) and width > 1
 
     with faults(bf16, nan_once_in_bf16):
         bf16.generate(reqs[:2])
@@ -379,7 +388,7 @@ def test_running_out_of_memory_while_upcasting_restores_the_weights(tiny_model, 
 
     def nan_on_target(rows, width, dtype, ids):
         return any(row[:len(target)] == list(target) or row[-len(target):] == list(target)
-                   for row in ids.tolist()) and width > 1
+                   for row in ids) and width > 1
 
     with faults(bf16, nan_on_target), monkeypatch.context() as patch:
         patch.setattr(torch.Tensor, "float", upcast)
