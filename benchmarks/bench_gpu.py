@@ -11,6 +11,13 @@ over that. Bandwidth is measured here (a device-to-device copy; bytes read + wri
 decode rate is isolated from prefill by timing each batch twice, with two lengths of output:
 decode tok/s = B x (long - short) / (t_long - t_short). Each batch size runs once untimed first,
 since a replica in a long job runs warm.
+
+Engine v2: each batch runs with CUDA graphs (the default) and with ``cuda_graphs=False``; the
+record has both decode rates, milliseconds per decode step (wall; at batch 1 it bounds the host
+time of a step), graphs captured and their capture seconds, the memory reserved by the first
+run (slot cache + graph pool), and how many rows the graphed run gives exactly as the eager one.
+``gpu_invariance``: the share of rows of the largest batch whose tokens are the same alone.
+Checked on CPU only (tiny model, graphs off, ``torch.cuda`` stubbed): not yet run on a GPU.
 """
 
 from __future__ import annotations
@@ -74,12 +81,31 @@ def kv_bytes_per_token(config) -> int:
     return 2 * layers * kv_heads * (hidden // heads) * 2  # K and V, bf16
 
 
-def engine_seconds(model, tokenizer, prompts, new_tokens, batch):
-    from batchgen.engine import Engine, Request
+_ENGINES: dict = {}
+_PROMPTS: dict[int, list] = {}  # the prompts of each batch size, for the invariance check
+
+
+def engine_for(model, tokenizer, new_tokens, batch, graphs=True):
+    """One engine per (batch, graphs), kept: its slot state and captured graphs are reused, as
+    in a replica that runs shard after shard."""
+    from batchgen.engine import Engine
     from batchgen.spec import GenerationSpec
 
-    engine = Engine(model, tokenizer, GenerationSpec(max_new_tokens=new_tokens, ignore_eos=True),
-                    max_input_tokens=None, batch_size=batch, max_batch_tokens=1 << 30)
+    key = (batch, graphs)
+    engine = _ENGINES.get(key)
+    if engine is None:
+        engine = _ENGINES[key] = Engine(
+            model, tokenizer, GenerationSpec(max_new_tokens=LONG, ignore_eos=True),
+            max_input_tokens=None, batch_size=batch, max_batch_tokens=1 << 30,
+            cuda_graphs=graphs)
+    engine.gen = GenerationSpec(max_new_tokens=new_tokens, ignore_eos=True)
+    return engine
+
+
+def engine_run(model, tokenizer, prompts, new_tokens, batch, graphs=True):
+    from batchgen.engine import Request
+
+    engine = engine_for(model, tokenizer, new_tokens, batch, graphs)
     requests = [Request(tuple(p), i) for i, p in enumerate(prompts)]
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -88,7 +114,11 @@ def engine_seconds(model, tokenizer, prompts, new_tokens, batch):
     seconds = time.perf_counter() - t0
     made = sum(c.generated_tokens for c in done)
     assert made == len(prompts) * new_tokens, (made, len(prompts), new_tokens)
-    return seconds
+    return seconds, [c.token_ids for c in done], engine
+
+
+def engine_seconds(model, tokenizer, prompts, new_tokens, batch, graphs=True):
+    return engine_run(model, tokenizer, prompts, new_tokens, batch, graphs)[0]
 
 
 def generate_batch_seconds(model, prompts, new_tokens):
@@ -130,27 +160,46 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
 
     def prompts_for(count):
-        return torch.randint(16, config.vocab_size, (count, PROMPT), generator=g).tolist()
+        made = torch.randint(16, config.vocab_size, (count, PROMPT), generator=g).tolist()
+        _PROMPTS[count] = made
+        return made
 
     engine_seconds(model, tokenizer, prompts_for(4), 4, 4)  # warm-up: kernels, allocator
+    rows: dict[int, list] = {}
     for batch in [int(b) for b in args.batches.split(",")]:
         prompts = prompts_for(batch)
-        # Untimed first pass: the first time a KV length is seen costs ~60 ms a step here
-        # (allocator growth, per-shape setup); a replica in a long job runs warm.
-        engine_seconds(model, tokenizer, prompts, LONG, batch)
-        t_short = engine_seconds(model, tokenizer, prompts, SHORT, batch)
-        t_long = engine_seconds(model, tokenizer, prompts, LONG, batch)
-        decode_tps = batch * (LONG - SHORT) / (t_long - t_short)
+        record = dict(bench="gpu_engine", device=device, model=args.model, dtype="bfloat16",
+                      batch=batch, prompt_tokens=PROMPT, new_tokens=LONG)
+        for graphs in (True, False):
+            # Untimed first pass: graphs are captured, the slot cache allocated.
+            reserved = torch.cuda.memory_reserved()
+            _, tokens, engine = engine_run(model, tokenizer, prompts, LONG, batch, graphs)
+            t_short = engine_seconds(model, tokenizer, prompts, SHORT, batch, graphs)
+            t_long, tokens_again, _ = engine_run(model, tokenizer, prompts, LONG, batch, graphs)
+            decode_tps = batch * (LONG - SHORT) / (t_long - t_short)
+            tag = "" if graphs else "_eager"
+            record[f"decode_tokens_per_s{tag}"] = round(decode_tps, 1)
+            record[f"ms_per_decode_step{tag}"] = round(1000 * (t_long - t_short) / (LONG - SHORT), 3)
+            record[f"end_to_end_tokens_per_s{tag}"] = round(batch * LONG / t_long, 1)
+            if graphs:
+                g = engine.graphs
+                rows[batch] = tokens
+                record.update(path=engine.path, graphs_enabled=bool(g and g.enabled),
+                              graph_failure=g.failure if g else "no graphs",
+                              graphs_captured=len(g.graphs) if g else 0,
+                              capture_seconds=round(g.capture_seconds, 2) if g else None,
+                              reserved_bytes_first_run=torch.cuda.memory_reserved() - reserved,
+                              graphed_rows_same_on_rerun=sum(
+                                  a == b for a, b in zip(tokens, tokens_again)))
+            else:
+                record["graph_rows_equal_to_eager"] = sum(
+                    a == b for a, b in zip(rows[batch], tokens))
         # The bandwidth limit at the mean context of the decode steps measured.
         mean_ctx = PROMPT + (SHORT + LONG) / 2
         step_bytes = weight_bytes + batch * mean_ctx * kv_tok
         limit_tps = batch * bandwidth / step_bytes
-        record = dict(bench="gpu_engine", device=device, model=args.model, dtype="bfloat16",
-                      batch=batch, prompt_tokens=PROMPT, new_tokens=LONG,
-                      end_to_end_tokens_per_s=round(batch * LONG / t_long, 1),
-                      decode_tokens_per_s=round(decode_tps, 1),
-                      bandwidth_limit_tokens_per_s=round(limit_tps, 1),
-                      fraction_of_limit=round(decode_tps / limit_tps, 3))
+        record.update(bandwidth_limit_tokens_per_s=round(limit_tps, 1),
+                      fraction_of_limit=round(record["decode_tokens_per_s"] / limit_tps, 3))
         try:
             if args.quick and batch > 16:
                 raise RuntimeError("skipped in --quick")
@@ -158,10 +207,22 @@ def main() -> None:
             t_cb, made = generate_batch_seconds(model, prompts, LONG)
             record["generate_batch_tokens_per_s"] = round(made / t_cb, 1)
             record["engine_over_generate_batch"] = round(
-                (batch * LONG / t_long) / (made / t_cb), 2)
+                record["end_to_end_tokens_per_s"] / (made / t_cb), 2)
         except Exception as e:  # noqa: BLE001 - report, keep measuring the engine
             record["generate_batch_error"] = f"{type(e).__name__}: {str(e)[:200]}"
         emit(**record)
+    # Batch invariance in bf16: the first rows of the largest batch, each alone at batch 1.
+    largest = max(rows)
+    if largest > 1:
+        check = min(32, largest)
+        alone = []
+        for i in range(check):
+            p = _PROMPTS[largest][i]
+            alone.append(engine_run(model, tokenizer, [p], LONG, 1)[1][0])
+        same = sum(a == b for a, b in zip(alone, rows[largest][:check]))
+        emit(bench="gpu_invariance", device=device, model=args.model, dtype="bfloat16",
+             rows=check, batch=largest, rows_bitwise_equal_alone=same,
+             share=round(same / check, 3))
 
 
 if __name__ == "__main__":
