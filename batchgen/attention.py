@@ -8,9 +8,11 @@ the layer's new keys and values into the sequences' slots and attends over each 
 
 Batch invariance (ENGINE.md): a row's result must not depend on the other rows or on the padded
 key length. Decode rows are grouped by their own key length rounded up to ``KEY_BLOCK``, one
-SDPA call per group, so a row always attends over the same key length whatever its neighbours;
-prefill rows come in groups of one width (fixed by the prompt alone). Grouped-query heads are
-packed into the query axis instead of repeating keys.
+SDPA call per group (over the cache in place for a large group, over gathered keys for a small
+one), so a row always attends over the same key length whatever its neighbours; prefill prompts
+come packed into one sequence, attention per segment of one width (fixed by the prompt alone).
+Grouped-query heads are packed into the query axis instead of repeating keys. Sliding windows
+(per layer, from the ``sliding_window`` argument) are masks over the slot's keys.
 
 What a plain attention function cannot serve raises ``Unsupported`` (logit softcapping,
 attention sinks); the load-time probe (``probe``) catches those and anything else that makes the

@@ -2,9 +2,10 @@
 
 ``SlotDecoder.run(requests)`` returns each request's (token ids, finish reason). The loop:
 
-1. **Admit** waiting prompts into free slots, prefill-first. Requests with the same prompt (the
-   n samples of a row) share one prefill: the prompt's keys are copied into n slots and each
-   sample draws its first token from the shared last logits with its own seed.
+1. **Admit** waiting prompts into free slots, prefill-first; the prompts admitted together go
+   through the model as one packed sequence (attention per shape). Requests with the same
+   prompt (the n samples of a row) share one prefill: the prompt's keys are copied into n slots
+   and each sample draws its first token from the shared last logits with its own seed.
 2. **Job prefix.** A prompt that starts with the job's prefix (``prefix``: the tokens every
    rendering of the job's prompt starts with) is prefilled as prefix + suffix: the prefix's
    keys, computed once per decoder, are copied into the slot and only the suffix is computed.
@@ -15,12 +16,18 @@
 4. **Read back one step late**: a step's tokens are read after the next step is launched, so the
    host never waits for the device inside the loop. A row that stopped runs one step more; that
    token is dropped (it never reaches the output).
+5. **CUDA graphs** (``graphs``, on CUDA only): a decode step attends over one key length for
+   all its rows and is replayed from a graph per (rows bucket, key length bucket).
+
+The device state (slot cache, last tokens, seeds, seen tokens, graphs) is a ``SlotState`` the
+engine keeps from run to run.
 
 Invariance: prefill widths are the suffix length rounded up to ``PREFILL_BLOCK``; decode GEMMs
 and the LM head see a multiple of ``MIN_ROWS`` rows (so do prefill GEMMs: widths are multiples
 of ``PREFILL_BLOCK``); attention depends only on a row's own key length (``attention``); noise
 is a pure function of (seed, step, token) (``sampling``). So a row's tokens are bitwise the same
-alone, in any batch, forked or not, admitted early or late.
+alone, in any batch, forked or not, admitted early or late (on CPU; in bf16 on a GPU, with one
+key length per graphed step, the share of matching rows is measured by ``bench_gpu.py``).
 """
 
 from __future__ import annotations
