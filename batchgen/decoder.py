@@ -142,10 +142,11 @@ class SlotDecoder:
         p = len(self.prefix)
         return p if p and len(prompt) > p and prompt[:p] == self.prefix else 0
 
-    def extent(self, prompt: tuple[int, ...]) -> int:
-        """Slot positions the prompt's prefill writes."""
+    def shape(self, prompt: tuple[int, ...]) -> tuple[int, int]:
+        """(split, width) of the prompt's prefill: keys taken from the prefix, then the suffix
+        rounded up to PREFILL_BLOCK. A function of the prompt alone."""
         s = self.split(prompt)
-        return s + round_up(len(prompt) - s, PREFILL_BLOCK)
+        return s, round_up(len(prompt) - s, PREFILL_BLOCK)
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -158,9 +159,11 @@ class SlotDecoder:
         for i, r in enumerate(requests):
             groups.setdefault(tuple(r.prompt_ids), []).append(i)
         max_new = self.gen.max_new_tokens
-        capacity = round_up(max(max(self.extent(p), len(p) + max_new + 1) for p in groups)
-                            + (round_up(len(self.prefix), PREFILL_BLOCK) if self.prefix else 0),
-                            KEY_BLOCK)  # every decode key length (``key_length``) fits
+        # Every prefill (the prefix's in the scratch slot too) and every decode key length
+        # (``key_length``, one past the last token) fits.
+        capacity = round_up(max(round_up(len(self.prefix), PREFILL_BLOCK),
+                                *(max(sum(self.shape(p)), len(p) + max_new + 1) for p in groups)),
+                            KEY_BLOCK)
         held = self._state.get("slots")
         if held is not None:  # the capacity only grows: a kept state is not replaced for less
             capacity = max(capacity, held.cache.capacity)
@@ -234,8 +237,7 @@ class SlotDecoder:
             return []
         # One packed prefill per chunk of the token budget, prompts sorted by (split, width):
         # each shape's rows are contiguous, one attention call per shape.
-        shaped = sorted(((self.split(p), round_up(len(p) - self.split(p), PREFILL_BLOCK)), p, rows)
-                        for p, rows in admitted)
+        shaped = sorted((self.shape(p), p, rows) for p, rows in admitted)
         results, chunk, tokens = [], [], 0
         for shape, prompt, rows in shaped:
             if chunk and tokens + shape[1] > self.max_batch_tokens:
@@ -359,26 +361,26 @@ class SlotDecoder:
         step = Decode(self.cache, slots, positions, groups)
         hidden = self._hidden(inputs["ids"][:, None], positions[:, None], step)
         logits = self.head(hidden[:, -1]).float()
-        seen = None if self.seen is None else self.seen[slots]
-        tokens = self.sampler.choose(logits, inputs["seeds"], inputs["steps"], seen)
-        self.last_token[slots] = tokens
-        if self.seen is not None:
-            mark_seen(self.seen, slots, tokens)
-        bad = (logits.isnan() | logits.isposinf()).any(-1)
-        return {"packed": torch.stack([tokens, bad.long()])}
+        return {"packed": self._choose(logits, slots, inputs["seeds"], inputs["steps"])}
 
     def _sample(self, rows: list[_Row], slots: torch.Tensor, logits: torch.Tensor):
         """First tokens, from the prefill's logits."""
         steps = torch.tensor([r.sampled for r in rows], dtype=torch.long, device=self.device)
-        tokens = self.sampler.choose(logits, self.seeds[slots], steps,
-                                     None if self.seen is None else self.seen[slots])
+        packed = self._choose(logits, slots, self.seeds[slots], steps)
+        for r in rows:
+            r.sampled += 1
+        return self._readback(rows, packed)
+
+    def _choose(self, logits, slots, seeds, steps) -> torch.Tensor:
+        """Each row's token, kept as its slot's last token (and seen); returns [2, rows]:
+        the tokens and whether the row's logits were NaN/+inf. Device ops only."""
+        seen = None if self.seen is None else self.seen[slots]
+        tokens = self.sampler.choose(logits, seeds, steps, seen)
         self.last_token[slots] = tokens
         if self.seen is not None:
             mark_seen(self.seen, slots, tokens)
-        for r in rows:
-            r.sampled += 1
         bad = (logits.isnan() | logits.isposinf()).any(-1)
-        return self._readback(rows, torch.stack([tokens, bad.long()]))
+        return torch.stack([tokens, bad.long()])
 
     def _readback(self, rows: list[_Row], packed: torch.Tensor):
         """(rows, tokens and non-finite flags, an event to wait on): copied to the host

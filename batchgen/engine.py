@@ -170,9 +170,9 @@ class Engine:
         self._state: dict = {}  # the slot decoder's device state (cache, graphs) across runs
         self.graph_factory = None
         if cuda_graphs and self.device.type == "cuda":
-            from batchgen.graphs import _CudaGraph
+            from batchgen.graphs import CudaGraph
 
-            self.graph_factory = _CudaGraph
+            self.graph_factory = CudaGraph
         self.path, self.path_reason = self._choose_path(path)
         self.set_prefix(prefix)
 
@@ -233,7 +233,7 @@ class Engine:
         return "hf", why
 
     def set_prefix(self, prefix: tuple[int, ...]) -> None:
-        """The job's shared prompt prefix (``prompts.job_prefix``); the slot path prefills it
+        """The job's shared prompt prefix (``worker.job_prefix``); the slot path prefills it
         once and every prompt that starts with it reuses its keys."""
         prefix = tuple(prefix) if self.path == "slots" else ()
         if prefix != self._prefix:

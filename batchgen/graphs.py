@@ -27,7 +27,7 @@ log = logging.getLogger("batchgen.engine")
 Tensors = dict[str, torch.Tensor]
 
 
-class _CudaGraph:
+class CudaGraph:
     """torch.cuda.CUDAGraph behind the two calls StepGraphs needs."""
 
     def __init__(self):
@@ -56,7 +56,7 @@ class _CudaGraph:
 
 class StepGraphs:
     def __init__(self, step: Callable[[Any, Tensors], Tensors],
-                 graph_factory: Callable[[], Any] = _CudaGraph):
+                 graph_factory: Callable[[], Any] = CudaGraph):
         self.step = step
         self.graph_factory = graph_factory
         self.enabled = True

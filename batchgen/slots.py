@@ -71,6 +71,3 @@ class SlotCache:
     def save(self, slot: int, length: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         return {i: (self.keys[i][slot, :, :length].clone(), self.values[i][slot, :, :length].clone())
                 for i in self.keys}
-
-    def bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for s in (self.keys, self.values) for t in s.values())

@@ -243,6 +243,15 @@ REFUSED: list[str] = [a for a, f in ARCHS.items() if not f["servable"]]
 SLIDING: list[str] = [a for a in SERVABLE if any(ARCHS[a]["sliding"])]
 
 
+class ZooTokenizer:
+    """What the engine needs of a tokenizer (the zoo's models have no vocabulary files)."""
+
+    pad_token_id, eos_token_id, model_max_length = PAD, EOS, 256
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(str(i) for i in ids if not (skip_special_tokens and i in (PAD, EOS)))
+
+
 def build(arch: str, *, seed: int = 0, dtype=torch.float32):
     """A tiny eval() model of ``arch`` with weights fixed by ``seed`` (global RNG left untouched)."""
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -404,10 +404,10 @@ def test_sliding_window_models_on_the_hf_path_match_generate():
     of different lengths past its window got wrong attention on the Hugging Face path."""
     import torch
 
-    from archs import VOCAB, build
+    from archs import VOCAB, ZooTokenizer, build
 
     model = build("mistral_sliding")
-    tok = _ZooTokenizer()
+    tok = ZooTokenizer()
     eng = Engine(model, tok, GenerationSpec(max_new_tokens=10, ignore_eos=True),
                  max_input_tokens=None, batch_size=8, path="hf")
     prompts = [tuple(3 + (i * 7 + k) % (VOCAB - 3) for i in range(n))
@@ -418,12 +418,3 @@ def test_sliding_window_models_on_the_hf_path_match_generate():
         ref = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                              max_new_tokens=10, min_new_tokens=10, pad_token_id=0)
         assert c.token_ids == ref[0, len(p):].tolist()
-
-
-class _ZooTokenizer:
-    """What the engine needs of a tokenizer, for the zoo's models (no vocabulary files)."""
-
-    pad_token_id, eos_token_id, model_max_length = 0, 1, 256
-
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(map(str, ids))

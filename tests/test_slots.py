@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from archs import EOS, PAD, REFUSED, SERVABLE, SLIDING, VOCAB, build
+from archs import EOS, PAD, REFUSED, SERVABLE, SLIDING, VOCAB, ZooTokenizer, build
 
 from batchgen.attention import NAME, Decode, key_length, use_own
 from batchgen.decoder import MIN_ROWS, PREFILL_BLOCK, SlotDecoder, round_up
@@ -45,15 +45,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-class ZooTokenizer:
-    """What the engine needs of a tokenizer (the zoo's models have no vocabulary files)."""
-
-    pad_token_id, eos_token_id, model_max_length = PAD, EOS, 256
-
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(str(i) for i in ids if not (skip_special_tokens and i in (PAD, EOS)))
 
 
 def zoo_prompts(lengths, seed=5) -> list[tuple[int, ...]]:
