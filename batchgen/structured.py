@@ -1,0 +1,353 @@
+"""Constrained decoding with llguidance: a spec's ``generation.structured`` as a token mask per step.
+
+Contract:
+
+- ``check_spec`` runs at spec load: no tokenizer, no torch. It raises ValueError naming the key.
+- ``constraint_for`` turns a spec (and, for ``json_schema_column``, a row) into a hashable
+  ``Constraint`` whose ``grammar`` text is llguidance's and doubles as the compile-cache key. A bad
+  per-row schema raises ``ConstraintError`` naming the column; the worker makes that row an error.
+- ``Grammars`` (one per model replica) wraps the tokenizer once and compiles each distinct grammar
+  once; each row gets a ``RowMatcher``, a cheap copy of the compiled matcher.
+- ``Matchers`` holds one decoder run's rows: ``bitmask`` gives the allowed tokens as int32 words
+  (bit j of word w = token 32*w + j, llguidance's layout), ``apply_bitmask`` applies them on the
+  device, ``advance`` feeds the sampled tokens back.
+
+The end-of-sequence token is allowed exactly where the constraint may end, and is the only token
+allowed once it must end (or after an error), so a constrained row stops by itself.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+# JSON is written as json.dumps writes it (", " and ": ") with no other whitespace: the shape
+# models saw most, and flexible whitespace lets a weak model emit blanks until max_new_tokens. A
+# schema can still opt in with "x-guidance": {"whitespace_flexible": true} (these are defaults).
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+ANY_OBJECT = {"type": "object"}
+CACHE_SIZE = 1024  # compiled grammars per replica, and checked per-row schemas
+
+
+class ConstraintError(ValueError):
+    """A constraint that cannot be compiled; message says what and where."""
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """``kind``: json_schema | json | regex | choice | grammar | tool_call. ``grammar``: llguidance's
+    grammar text, the same string for the same constraint (the compile-cache key). JSON Schema
+    key order is kept, not sorted: it is the order the properties are generated in."""
+
+    kind: str
+    grammar: str
+
+
+# --- spec level (no torch) --------------------------------------------------------------------
+
+
+def _one_line(message: str) -> str:
+    """llguidance's multi-line message (with caret lines) as one line."""
+    lines = [ln.strip() for ln in message.strip().splitlines()]
+    return " ".join(ln for ln in lines if ln and set(ln) != {"^"})
+
+
+def _schema_text(schema: dict[str, Any]) -> str:
+    return json.dumps(schema, ensure_ascii=False, separators=(",", ":"))
+
+
+def _choice_lark(choices: tuple[str, ...]) -> str:
+    # JSON string literals are Lark string literals in llguidance's dialect (its own "choice" form).
+    return "start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
+
+
+def _source(structured) -> tuple[str, str]:
+    """(kind, text) of a spec-level constraint; text is what the grammar is built from."""
+    if structured.json_schema is not None:
+        return "json_schema", _schema_text(structured.json_schema)
+    if structured.json_object:
+        return "json", _schema_text(ANY_OBJECT)
+    if structured.regex is not None:
+        return "regex", structured.regex
+    if structured.choice is not None:
+        return "choice", _choice_lark(tuple(structured.choice))
+    if structured.grammar is not None:
+        return "grammar", structured.grammar
+    raise ValueError("structured: no constraint given")
+
+
+@lru_cache(maxsize=CACHE_SIZE)
+def _compiled(kind: str, text: str, where: str) -> Constraint | str:
+    """The checked constraint, or the error message (cached too: a bad schema repeats per row)."""
+    from llguidance import LLMatcher
+
+    if kind in ("json_schema", "json", "tool_call"):
+        from jsonschema import SchemaError, validators
+
+        schema = json.loads(text)
+        try:
+            validators.validator_for(schema).check_schema(schema)
+        except SchemaError as e:
+            return f"{where}: not a valid JSON Schema: {e.message}"
+        grammar = LLMatcher.grammar_from_json_schema(text, defaults=JSON_OPTIONS)
+        what = "JSON Schema not supported for constrained decoding"
+    elif kind == "regex":
+        grammar, what = LLMatcher.grammar_from_regex(text), "invalid regular expression"
+    elif kind == "choice":
+        grammar, what = LLMatcher.grammar_from_lark(text), "cannot compile the choices"
+    elif kind == "grammar":
+        grammar, what = LLMatcher.grammar_from_lark(text), "invalid Lark grammar"
+    else:
+        raise ValueError(f"unknown constraint kind {kind!r}")
+    error = LLMatcher.validate_grammar(grammar)
+    if error:
+        return f"{where}: {what}: {_one_line(error)}"
+    return Constraint(kind, grammar)
+
+
+def _checked(kind: str, text: str, where: str) -> Constraint:
+    out = _compiled(kind, text, where)
+    if isinstance(out, str):
+        raise ConstraintError(out)
+    return out
+
+
+def check_spec(structured) -> None:
+    """Raise ValueError naming the key (``regex: invalid regular expression: ...``) if the spec's
+    constraint cannot be compiled. Per-row schemas and tools are checked elsewhere."""
+    if structured.json_schema_column is not None or structured.tool_call:
+        return
+    kind, text = _source(structured)
+    _checked(kind, text, kind)
+
+
+def _dropped_nulls(value: Any) -> Any:
+    # A struct column has every field of every row; the fields a row lacks come back as None.
+    if isinstance(value, dict):
+        return {k: _dropped_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_dropped_nulls(v) for v in value]
+    return value
+
+
+def _row_schema(column: str, row: dict | None) -> dict[str, Any]:
+    where = f"column {column!r}"
+    if row is None or column not in row:
+        raise ConstraintError(f"{where}: missing from the row; it should hold the row's JSON Schema")
+    value = row[column]
+    if value is None:
+        raise ConstraintError(f"{where}: null; expected the row's JSON Schema (JSON text or a "
+                              "mapping)")
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ConstraintError(f"{where}: not JSON ({e}); expected the row's JSON Schema") from None
+    else:
+        value = _dropped_nulls(value)
+    if not isinstance(value, dict):
+        raise ConstraintError(f"{where}: not a valid JSON Schema: expected a mapping, got "
+                              f"{type(value).__name__}")
+    return value
+
+
+def constraint_for(structured, tools=(), row: dict | None = None) -> Constraint | None:
+    """The row's constraint (None without ``structured``). ``tools``: the OpenAI-form tools of
+    ``input.tools``, for ``tool_call``. Raises ConstraintError naming the key or column."""
+    if structured is None:
+        return None
+    if structured.json_schema_column is not None:
+        column = structured.json_schema_column
+        schema = _row_schema(column, row)
+        return _checked("json_schema", _schema_text(schema), f"column {column!r}")
+    if structured.tool_call:
+        from batchgen.toolschema import call_schema
+
+        if not tools:
+            raise ConstraintError("tool_call: needs input.tools")
+        return _checked("tool_call", _schema_text(call_schema(tuple(tools))), "tool_call")
+    kind, text = _source(structured)
+    return _checked(kind, text, kind)
+
+
+# --- replica level (tokenizer, torch) ---------------------------------------------------------
+
+
+@dataclass
+class GrammarStats:
+    """Cumulative, for benchmarks. ``masks``: row masks llguidance computed; ``mask_seconds``:
+    wall time of ``Matchers.bitmask`` (all rows of a step, and the copy to the device)."""
+
+    compiles: int = 0
+    compile_seconds: float = 0.0
+    masks: int = 0
+    mask_seconds: float = 0.0
+
+
+class Grammars:
+    """One per engine (model replica): the llguidance tokenizer built once from the HF tokenizer,
+    and each distinct Constraint compiled once (cache keyed by ``Constraint.grammar``).
+
+    ``vocab_size`` is the model's logits width (may exceed ``len(tokenizer)``: the extra ids are
+    never allowed); ``eos_id`` is allowed exactly where a constraint may end."""
+
+    def __init__(self, tokenizer, vocab_size: int, eos_id: int | None):
+        import llguidance.hf
+
+        if vocab_size < len(tokenizer):
+            raise ValueError(f"vocab_size {vocab_size} is smaller than the tokenizer's "
+                             f"{len(tokenizer)} tokens; pass the model's logits width")
+        self.vocab_size = vocab_size
+        self.eos_id = eos_id
+        self.words = math.ceil(vocab_size / 32)
+        self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size,
+                                                      eos_token=eos_id)
+        self.executor = llguidance.LLExecutor()
+        self.stats = GrammarStats()
+        self._compiled: OrderedDict[str, Any] = OrderedDict()
+
+    def _template(self, constraint: Constraint):
+        template = self._compiled.get(constraint.grammar)
+        if template is not None:
+            self._compiled.move_to_end(constraint.grammar)
+            return template
+        from llguidance import LLMatcher
+
+        start = time.perf_counter()
+        template = LLMatcher(self.tokenizer, constraint.grammar, log_level=0)
+        self.stats.compile_seconds += time.perf_counter() - start
+        self.stats.compiles += 1
+        if template.is_error():
+            raise ConstraintError(f"{constraint.kind}: cannot compile: "
+                                  f"{template.get_error().strip().splitlines()[0]}")
+        self._compiled[constraint.grammar] = template
+        if len(self._compiled) > CACHE_SIZE:
+            self._compiled.popitem(last=False)
+        return template
+
+    def matcher(self, constraint: Constraint, gate: tuple[int, ...] = ()) -> RowMatcher:
+        """A fresh matcher for one row; with ``gate``, inactive until the row's tokens end with it."""
+        return RowMatcher(self._template(constraint), tuple(gate), self.words)
+
+
+class RowMatcher:
+    """One generated row's constraint state."""
+
+    def __init__(self, template, gate: tuple[int, ...], words: int):
+        self._template = template
+        self._gate = gate
+        self._tail: list[int] = []
+        self._words = words
+        self.llm = None if gate else template.deep_copy()  # None while gated
+
+    def fill(self, out: torch.Tensor) -> None:
+        """Write the allowed tokens into ``out`` (int32 [words], contiguous, on the CPU): all of
+        them while gated; only EOS after an error (llguidance's choice: end the row)."""
+        import torch
+
+        if out.dtype != torch.int32 or out.device.type != "cpu" or not out.is_contiguous() \
+                or out.numel() != self._words:
+            raise ValueError(f"fill needs a contiguous CPU int32 tensor of {self._words} words, "
+                             f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+        if self.llm is None:
+            out.fill_(-1)
+        else:
+            self.llm.unsafe_compute_mask_ptr(out.data_ptr(), 4 * self._words)
+
+    def advance(self, token: int) -> None:
+        """Consume the sampled token (a rejected one puts the matcher in ``error``)."""
+        if self.llm is not None:
+            self.llm.consume_token(int(token))
+            return
+        self._tail.append(int(token))
+        del self._tail[:-len(self._gate)]
+        if tuple(self._tail) == self._gate:
+            self.llm = self._template.deep_copy()
+
+    @property
+    def accepting(self) -> bool:
+        """The output so far is complete under the constraint (it may end here)."""
+        return self.llm is not None and not self.llm.is_error() and self.llm.is_accepting()
+
+    @property
+    def error(self) -> str | None:
+        """llguidance's error if a token was rejected (not when the masks were applied)."""
+        if self.llm is None or not self.llm.is_error():
+            return None
+        return self.llm.get_error().strip().splitlines()[0]
+
+
+class Matchers:
+    """One decoder run's matchers, by request index (None where a request is unconstrained)."""
+
+    def __init__(self, grammars: Grammars | None, constraints: list[Constraint | None],
+                 gate: tuple[int, ...] = ()):
+        if grammars is None and any(c is not None for c in constraints):
+            raise ValueError("constrained requests need a Grammars (the replica's tokenizer)")
+        self.grammars = grammars
+        self.rows = [None if c is None else grammars.matcher(c, gate) for c in constraints]
+        self.active = any(r is not None for r in self.rows)
+
+    def bitmask(self, indices: list[int | None], device) -> torch.Tensor:
+        """int32 [len(indices), words] on ``device``: each request's allowed tokens; all ones for
+        None (padding) and unconstrained requests. Computed on the CPU in parallel, copied once."""
+        import torch
+
+        start = time.perf_counter()
+        pinned = torch.device(device).type == "cuda"
+        out = torch.full((len(indices), self.grammars.words), -1, dtype=torch.int32,
+                         pin_memory=pinned)
+        live = [(row.llm, k) for k, i in enumerate(indices)
+                if i is not None and (row := self.rows[i]) is not None and row.llm is not None]
+        if live:
+            self.grammars.executor.unsafe_compute_mask_ptr(live, out.data_ptr(), 4 * out.shape[1],
+                                                           out.shape[0])
+        # The caching host allocator keeps a pinned buffer alive until its copy has run.
+        moved = out.to(device, non_blocking=pinned)
+        self.grammars.stats.masks += len(live)
+        self.grammars.stats.mask_seconds += time.perf_counter() - start
+        return moved
+
+    def advance(self, index: int, token: int) -> None:
+        row = self.rows[index]
+        if row is not None:
+            row.advance(token)
+
+    def truncated(self, index: int) -> bool:
+        """Constrained and not complete (e.g. max_new_tokens hit mid-object)."""
+        row = self.rows[index]
+        return row is not None and not row.accepting
+
+    def error(self, index: int) -> str | None:
+        row = self.rows[index]
+        return None if row is None else row.error
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """``logits`` [B, V] with the tokens ``bitmask`` (int32 [B, words], same device) disallows set
+    to -inf, as a new tensor. Device ops only (no host sync), so it can be captured in a CUDA
+    graph. Tokens past 32*words are disallowed; bits past V are ignored."""
+    import torch
+
+    batch, vocab = logits.shape
+    # Little-endian bytes of the int32 words: token t is bit t % 8 of byte t // 8. One byte per
+    # token in the temporaries instead of four.
+    data = bitmask.contiguous().view(torch.uint8)
+    shifts = torch.arange(8, device=bitmask.device, dtype=torch.uint8)
+    banned = ((data.unsqueeze(-1) >> shifts) & 1).view(batch, -1) == 0
+    width = banned.shape[1]
+    if vocab <= width:
+        banned = banned[:, :vocab]
+    else:
+        banned = torch.cat([banned, banned.new_ones(batch, vocab - width)], dim=1)
+    return logits.masked_fill(banned, float("-inf"))
