@@ -1,18 +1,21 @@
 """Turning an input row into prompt text.
 
-A prompt comes from one column, or from a Jinja2 template over the row's columns rendered in
+A prompt comes from one column, from a Jinja2 template over the row's columns rendered in
 Jinja2's immutable sandbox (no access to Python internals, no imports, no files) under a time and
-size budget per row (``batchgen.sandbox``). Few-shot examples and the model's chat template go
-around it (``wrap_prompt``). No torch here: ``batchgen plan`` renders prompts for its estimate
-without loading a model.
+size budget per row (``batchgen.sandbox``), or, with ``input.messages_column``, from the row's
+own conversation (a list of {role, content} messages). Few-shot examples, the system prompt,
+the tools and the model's chat template go around it (``wrap_prompt``). No torch here:
+``batchgen plan`` renders prompts for its estimate without loading a model.
 
-Contract: ``render`` returns the text or raises ``RowError``, whose message becomes that row's
-``error``; the shard goes on. ``check_template`` and ``check_column_types`` refuse at plan time
-what would fail on every row.
+Contract: ``row_prompt`` returns the text (``render``) or the checked conversation
+(``conversation``), or raises ``RowError``, whose message becomes that row's ``error``; the
+shard goes on. ``wrap_prompt`` raises ``RowError`` too when the chat template fails on a row.
+``check_template`` and ``check_column_types`` refuse at plan time what would fail on every row.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
 
@@ -27,6 +30,10 @@ from batchgen.spec import InputSpec, JobSpec
 
 class RowError(ValueError):
     """This row cannot be turned into a prompt; it becomes an error row, the shard goes on."""
+
+
+ROLES = ("system", "user", "assistant", "tool")
+Prompt = str | list[dict[str, Any]]  # a prompt's text, or a row's conversation
 
 
 # -- templates ------------------------------------------------------------------------------
@@ -94,9 +101,11 @@ def needed_columns(spec: InputSpec) -> list[str]:
 
 def check_column_types(spec: InputSpec, schema: pa.Schema, where: str) -> None:
     """Refuse, at plan time, columns whose type makes every row an error (or no id at all): a
-    prompt or document column that does not hold text, an id column of nested values. Null and
-    empty values stay per-row errors. Columns missing from ``schema`` are not checked here."""
-    text_columns = [("input.prompt_column", spec.prompt_source)] if spec.template is None else []
+    prompt or document column that does not hold text, a messages column that does not hold
+    lists of {role, content} messages, an id column of nested values. Null and empty values
+    stay per-row errors. Columns missing from ``schema`` are not checked here."""
+    text_columns = ([("input.prompt_column", spec.prompt_source)]
+                    if spec.template is None and spec.messages_column is None else [])
     if spec.chunk_column:
         text_columns.append(("input.chunk_column", spec.chunk_column))
     for key, column in text_columns:
@@ -108,12 +117,45 @@ def check_column_types(spec: InputSpec, schema: pa.Schema, where: str) -> None:
                 f"{where}: {key} {column!r} is of type {kind}, not text, so every row would be an "
                 f"error row; cast the column to string in the input {fix}"
             )
+    column = spec.messages_column
+    if column and column in schema.names:
+        problem = _messages_type_problem(schema.field(column).type)
+        if problem:
+            raise SpecError(
+                f"{where}: input.messages_column {column!r} is of type "
+                f"{schema.field(column).type}, {problem}, so every row would be an error row; "
+                "it must hold a list of {role, content} messages with text content (in Parquet "
+                "list<struct<role: string, content: string>>, in JSON Lines a list of objects)"
+            )
     column = spec.id_column
     if column and column in schema.names and pa.types.is_nested(schema.field(column).type):
         raise SpecError(
             f"{where}: input.id_column {column!r} is of type {schema.field(column).type}; ids "
             "must be single values (string or integer), one per row"
         )
+
+
+def _messages_type_problem(kind: pa.DataType) -> str | None:
+    """Why a column of this type cannot hold conversations, or None when it can."""
+    if pa.types.is_null(kind):
+        return None  # all null: per-row errors
+    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)
+            or pa.types.is_list_view(kind) or pa.types.is_large_list_view(kind)
+            or pa.types.is_fixed_size_list(kind)):
+        return "not a list"
+    item = kind.value_type
+    if pa.types.is_map(item):
+        return None if _is_text(item.key_type) else "whose message keys are not text"
+    if not pa.types.is_struct(item):
+        return f"a list of {item}, not of messages"
+    fields = {item.field(i).name: item.field(i).type for i in range(item.num_fields)}
+    missing = [k for k in ("role", "content") if k not in fields]
+    if missing:
+        return f"whose messages have no {' or '.join(missing)} field"
+    for k in ("role", "content"):
+        if not _is_text(fields[k]):
+            return f"whose message {k} is of type {fields[k]}, not text"
+    return None
 
 
 def _is_text(kind: pa.DataType) -> bool:
@@ -123,10 +165,19 @@ def _is_text(kind: pa.DataType) -> bool:
             or pa.types.is_string_view(kind) or pa.types.is_null(kind))
 
 
+def row_prompt(spec: InputSpec, row: dict[str, Any]) -> Prompt:
+    """What ``wrap_prompt`` takes for one row: with ``messages_column`` the row's checked
+    conversation (``conversation``), else its prompt text (``render``); raises RowError."""
+    if spec.messages_column is not None:
+        return conversation(spec, row)
+    return render(spec, row)
+
+
 def render(spec: InputSpec, row: dict[str, Any], template: str | None = None,
            key: str = "input.template") -> str:
     """The prompt text for one row (before any chat template); raises RowError. ``template``
-    replaces the spec's (the reduce step of chunked documents)."""
+    replaces the spec's (the reduce step of chunked documents). Not for ``messages_column``
+    jobs, whose rows are conversations (``row_prompt``)."""
     template = template or spec.template
     if template is not None:
         text = _render_template(_compile(template, key), row)
@@ -141,6 +192,62 @@ def render(spec: InputSpec, row: dict[str, Any], template: str | None = None,
     if not text.strip():
         raise RowError("prompt is empty")
     return text
+
+
+def conversation(spec: InputSpec, row: dict[str, Any]) -> list[dict[str, Any]]:
+    """The row's ``messages_column`` as chat messages, checked; raises RowError naming the
+    column and the message (counted from 1).
+
+    Each message is a mapping (a struct, a JSON object, or the key/value pairs of a Parquet map)
+    with a ``role`` in ``ROLES`` and text ``content``; an assistant message with ``tool_calls``
+    may have null content. Other keys (``tool_calls``, ``name``, ``tool_call_id`` ...) go to the
+    chat template as they are, except null ones: Parquet and JSON Lines readers give every
+    message every key any message of the file has, null where it had none. The conversation
+    must end with a user or tool message, the one the model answers."""
+    column = spec.messages_column
+    where = f"messages column {column!r}"
+    value = row.get(column)
+    if value is None:
+        raise RowError(f"{where} is null")
+    if not isinstance(value, (list, tuple)):
+        raise RowError(f"{where} holds {type(value).__name__}, not a list of messages")
+    if not value:
+        raise RowError(f"{where} is an empty list; nothing to answer")
+    messages = []
+    for n, raw in enumerate(value, start=1):
+        message = _as_mapping(raw)
+        if message is None:
+            raise RowError(f"{where}: message {n} is {type(raw).__name__}, not a mapping "
+                           "with role and content")
+        role = message.get("role")
+        if role is None:
+            raise RowError(f"{where}: message {n} has no role")
+        if role not in ROLES:
+            raise RowError(f"{where}: message {n} has role {role!r}; roles are "
+                           f"{', '.join(ROLES)}")
+        content = message.get("content")
+        if content is None and not (role == "assistant" and message.get("tool_calls")):
+            raise RowError(f"{where}: message {n} ({role}) has no content")
+        if content is not None and not isinstance(content, str):
+            raise RowError(f"{where}: message {n} ({role}) has content of type "
+                           f"{type(content).__name__}, not text")
+        messages.append({k: v for k, v in message.items()
+                         if v is not None or k == "content"})
+    last = messages[-1]["role"]
+    if last not in ("user", "tool"):
+        article = "an" if last == "assistant" else "a"
+        raise RowError(f"{where} ends with {article} {last} message; nothing to answer (the "
+                       "last message must be a user or tool message)")
+    return messages
+
+
+def _as_mapping(raw: Any) -> dict[str, Any] | None:
+    if isinstance(raw, Mapping):
+        return {str(k): v for k, v in raw.items()}
+    # A Parquet map<string, string> comes out of pyarrow as a list of (key, value) tuples.
+    if isinstance(raw, list) and all(isinstance(p, tuple) and len(p) == 2 for p in raw):
+        return {str(k): v for k, v in raw}
+    return None
 
 
 def _render_template(compiled: Any, row: dict[str, Any]) -> str:
@@ -167,21 +274,44 @@ def render_prompts(
         if errors[i] is not None:
             continue
         try:
-            text = render(spec.input, row)
+            texts[i] = wrap_prompt(spec, row_prompt(spec.input, row), tokenizer)
         except RowError as e:
             errors[i] = str(e)
-            continue
-        texts[i] = wrap_prompt(spec, text, tokenizer)
     return texts, errors
 
 
-def wrap_prompt(spec: JobSpec, text: str, tokenizer: Any) -> str:
-    """Few-shot examples and, with chat: true, the model's chat template around a prompt."""
-    if spec.input.chat:
+def wrap_prompt(spec: JobSpec, prompt: Prompt, tokenizer: Any) -> str:
+    """Few-shot examples and, with chat: true, the system prompt, the tools and the model's chat
+    template around a prompt's text or a row's conversation; raises RowError when the chat
+    template fails on it (a template may raise on roles or order it does not accept).
+
+    Without tools and template kwargs the call is the one batchgen always made, so existing
+    chat jobs keep their prompts byte for byte."""
+    inp = spec.input
+    if not inp.chat:
+        return with_examples(inp, prompt) if inp.examples else prompt
+    extra: dict[str, Any] = dict(inp.chat_template_kwargs)
+    if inp.tools:
+        extra["tools"] = list(inp.tools)
+    try:
         return tokenizer.apply_chat_template(
-            chat_messages(spec.input, text), tokenize=False, add_generation_prompt=True
+            chat_messages(inp, prompt), tokenize=False, add_generation_prompt=True, **extra
         )
-    return with_examples(spec.input, text) if spec.input.examples else text
+    except Exception as e:  # noqa: BLE001 - a template failing on this row is this row's failure
+        raise RowError(f"chat template error: {_template_message(e)}") from None
+
+
+def _template_message(e: Exception) -> str:
+    from jinja2 import TemplateError
+
+    from batchgen.errors import ModelError
+
+    text = str(e).strip()
+    if isinstance(e, ModelError):  # raise_exception in the plan's torch-free tokenizer
+        return text.removeprefix("chat template: ")
+    if isinstance(e, TemplateError) and text:  # raise_exception in transformers' templates
+        return text
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def prefix_probes(spec: JobSpec, tokenizer: Any) -> tuple[str, str]:
@@ -191,22 +321,37 @@ def prefix_probes(spec: JobSpec, tokenizer: Any) -> tuple[str, str]:
     columns = needed_columns(spec.input)
     texts = []
     for mark in ("Qq", "Zz"):  # their first bytes differ, so no token spans both
+        prompt: Prompt
+        if spec.input.messages_column is not None:
+            prompt = [{"role": "user", "content": mark}]
+        else:
+            try:
+                prompt = render(spec.input, {c: mark for c in columns})
+            except RowError:  # a template that cannot take a string: no template text shared
+                prompt = mark
         try:
-            text = render(spec.input, {c: mark for c in columns})
-        except RowError:  # a template that cannot take a string: no template text shared
-            text = mark
-        texts.append(wrap_prompt(spec, text, tokenizer))
+            texts.append(wrap_prompt(spec, prompt, tokenizer))
+        except RowError:  # a chat template that refuses even this: nothing shared worth knowing
+            return "Qq", "Zz"
     return texts[0], texts[1]
 
 
-def chat_messages(spec: InputSpec, prompt: str) -> list[dict[str, str]]:
-    messages = []
-    if spec.system_prompt:
-        messages.append({"role": "system", "content": spec.system_prompt})
+def chat_messages(spec: InputSpec, prompt: Prompt) -> list[dict[str, Any]]:
+    """The messages the chat template gets: the system prompt, the few-shot examples, then the
+    prompt as a user message or the row's conversation. A conversation that opens with its own
+    system message keeps it, in place of ``input.system_prompt``, and the examples follow it."""
+    if isinstance(prompt, str):
+        system, turns = None, [{"role": "user", "content": prompt}]
+    elif prompt and prompt[0].get("role") == "system":
+        system, turns = prompt[0], prompt[1:]
+    else:
+        system, turns = None, list(prompt)
+    if system is None and spec.system_prompt:
+        system = {"role": "system", "content": spec.system_prompt}
+    messages = [system] if system is not None else []
     for ex in spec.examples:
         messages += [{"role": "user", "content": ex.user}, {"role": "assistant", "content": ex.assistant}]
-    messages.append({"role": "user", "content": prompt})
-    return messages
+    return messages + turns
 
 
 def with_examples(spec: InputSpec, prompt: str) -> str:

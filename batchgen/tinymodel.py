@@ -15,8 +15,22 @@ import random
 from pathlib import Path
 
 CONTEXT = 512
+# Without tools, and for messages without tool calls, this renders exactly as the template
+# before tools did, so the demos' prompts are unchanged. Tools are shown in a system-like block
+# that asks for the JSON convention batchgen.responses parses:
+# <tool_call>{"name": ..., "arguments": {...}}</tool_call>. <|tool|> is plain text to the
+# tokenizer (not a special token): adding one would change the vocabulary and the weights.
 CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if tools %}<|system|>\nYou can call these tools. Answer with <tool_call>"
+    "{\"name\": ..., \"arguments\": {...}}</tool_call>.\n{{ tools | tojson }}<|end|>\n{% endif %}"
+    "{% for m in messages %}<|{{ m['role'] }}|>\n"
+    "{% if m['content'] is not none %}{{ m['content'] }}{% endif %}"
+    "{% if m['tool_calls'] %}{% for call in m['tool_calls'] %}"
+    "{% set f = call['function'] if call['function'] is defined else call %}"
+    "{% if m['content'] or not loop.first %}{{ '\\n' }}{% endif %}"
+    "<tool_call>{\"name\": {{ f['name'] | tojson }}, \"arguments\": "
+    "{% if f['arguments'] is string %}{{ f['arguments'] }}{% else %}{{ f['arguments'] | tojson }}"
+    "{% endif %}}</tool_call>{% endfor %}{% endif %}<|end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 _SPECIAL = ["<|endoftext|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]

@@ -178,6 +178,36 @@ print(estimate_prompt_tokens(spec, make_plan(spec)), 'torch' in sys.modules)
     assert float(per_row) > 5 and torch_loaded == "False"  # the null row is left out
 
 
+def test_the_estimate_renders_conversations_with_tools_without_torch(tmp_path, tiny_model):
+    import pyarrow.parquet as pq
+
+    messages = [[{"role": "user", "content": "Write one sentence."}], None,
+                [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]]
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "topic": ["t"] * 3, "messages": messages}),
+                   tmp_path / "in.parquet")
+    code = f"""
+import sys
+sys.path.insert(0, {str(REPO / 'tests')!r})
+from conftest import spec_dict
+from batchgen.estimate import estimate_prompt_tokens
+from batchgen.plan import make_plan
+from batchgen.specfile import parse_spec
+tool = {{"name": "get_weather", "parameters": {{"type": "object", "properties": {{}}}}}}
+for tools in ([], [tool]):
+    spec = parse_spec(spec_dict({str(tmp_path / 'in.parquet')!r}, "out", {tiny_model!r},
+                                input={{"prompt_column": None, "messages_column": "messages",
+                                        "tools": tools}}))
+    print(estimate_prompt_tokens(spec, make_plan(spec)))
+print('torch' in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    plain, with_tools, torch_loaded = out.stdout.split()
+    # One row renders (the null row and the one ending with the assistant are error rows), and
+    # the tools block makes it longer.
+    assert 5 < float(plain) < float(with_tools) and torch_loaded == "False"
+
+
 def test_the_light_tokenizer_counts_and_renders_as_transformers_does(tiny_model):
     """The plan's torch-free tokenizer must agree with the replicas' (transformers)."""
     from batchgen.loading import load_tokenizer
