@@ -42,6 +42,14 @@ NOT_OUTPUT_KEYS = {
     "model": {"cache_dir"},
     "output": {"path", "compression"},
 }
+# Keys added after fingerprint version 3, with the value that leaves outputs as they were: left
+# out of the digest at that value, so a job that does not use them keeps its fingerprint (and
+# resumes); digested like any other key once set.
+LATER_KEYS = {
+    "input": {"messages_column": None, "tools": [], "chat_template_kwargs": {},
+              "completion_column": None},
+    "generation": {"structured": None, "logprobs": None, "reasoning_end": None},
+}
 
 
 @dataclass(frozen=True)
@@ -161,13 +169,16 @@ def fingerprint_parts(spec: JobSpec, files: tuple[InputFile, ...]) -> dict[str, 
     """One digest per thing that changes outputs, so a mismatch can say which changed."""
     def section(name: str) -> dict[str, Any]:
         doc = getattr(spec, name).model_dump(mode="json")
-        return {k: v for k, v in doc.items() if k not in NOT_OUTPUT_KEYS.get(name, ())}
+        later = LATER_KEYS.get(name, {})
+        return {k: v for k, v in doc.items() if k not in NOT_OUTPUT_KEYS.get(name, ())
+                and not (k in later and v == later[k])}
 
     return {
         "input": _digest([(f.url, f.size, f.etag) for f in files]),
         "model": _digest(section("model")),
         "prompt": _digest(section("input")),
-        "generation": _digest(section("generation")),
+        "generation": _digest(section("generation") | (
+            {"mode": spec.mode} if spec.mode != "generate" else {})),
         "output": _digest(section("output")),
         "engine": str(ENGINE_VERSION),
     }

@@ -17,7 +17,10 @@ OUTPUT_COLUMNS = (
     "row_id", "sample_index", "prompt", "generation", "finish_reason",
     "prompt_tokens", "generated_tokens", "error", "seed",
     "parsed", "parse_error", "document_tokens", "chunks",
+    "logprobs", "cumulative_logprob", "completion", "completion_tokens", "completion_logprob",
+    "perplexity", "tool_calls", "reasoning",
 )
+MAX_LOGPROBS = 20  # top alternatives per token at most (OpenAI's top_logprobs limit too)
 
 
 class _Section(BaseModel):
@@ -69,6 +72,27 @@ class InputSpec(_Section):
     system_prompt: str | None = Field(
         default=None, description="System message placed before the prompt when chat is true."
     )
+    messages_column: str | None = Field(
+        default=None,
+        description="Column holding each row's conversation: a list of {role, content} messages "
+        "(multi-turn, as chat datasets ship them), rendered with the model's chat template and "
+        "answered as the next assistant turn. Implies chat: true; replaces prompt_column and "
+        "template.",
+    )
+    tools: tuple[dict[str, Any], ...] = Field(
+        default=(),
+        description="Tools the model may call, as JSON tool schemas ({type: function, function: "
+        "{name, description, parameters}}), passed to the chat template; the `tool_calls` output "
+        "column holds the calls parsed from each generation. Needs chat.",
+    )
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra variables for the chat template, e.g. {enable_thinking: false}.",
+    )
+    completion_column: str | None = Field(
+        default=None,
+        description="With mode: score, the column holding the text to score after each prompt.",
+    )
     id_column: str | None = Field(
         default=None,
         description="Column whose values identify rows (output row_id). Without it, row_id is the "
@@ -108,6 +132,20 @@ class InputSpec(_Section):
 
     _path_is_usable = field_validator("path")(_checked_path)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _messages_are_chat(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("messages_column") is not None:
+            return {**data, "chat": True}
+        return data
+
+    @field_validator("tools")
+    @classmethod
+    def _tools_are_schemas(cls, tools: tuple[dict[str, Any], ...]) -> tuple[dict[str, Any], ...]:
+        from batchgen.toolschema import check_tools
+
+        return check_tools(tools, "input.tools")
+
     @model_validator(mode="after")
     def _chunking(self) -> InputSpec:
         if self.long_documents == "chunk":
@@ -126,6 +164,23 @@ class InputSpec(_Section):
     def _one_prompt_source(self) -> InputSpec:
         if self.template is not None and self.prompt_column is not None:
             raise ValueError("give either prompt_column or template, not both")
+        if self.messages_column is not None and (self.template is not None
+                                                 or self.prompt_column is not None):
+            raise ValueError("messages_column replaces prompt_column and template; give one")
+        if self.messages_column is not None and self.long_documents == "chunk":
+            raise ValueError("long_documents: chunk needs a template, not messages_column")
+        if self.tools and not self.chat:
+            raise ValueError("tools need chat: true (or messages_column): the chat template "
+                             "shows them to the model")
+        if self.chat_template_kwargs and not self.chat:
+            raise ValueError("chat_template_kwargs need chat: true (or messages_column)")
+        taken = sorted(set(self.chat_template_kwargs) & {
+            "conversation", "messages", "tools", "documents", "chat_template", "tokenize",
+            "add_generation_prompt", "continue_final_message", "return_dict", "padding",
+            "truncation", "max_length", "return_tensors", "tokenizer_kwargs"})
+        if taken:
+            raise ValueError(f"chat_template_kwargs {taken}: batchgen sets these itself "
+                             "(tools come from input.tools)")
         if self.system_prompt is not None and not self.chat:
             raise ValueError("system_prompt needs chat: true (it is a chat message)")
         clash = [c for c in self.columns if c in OUTPUT_COLUMNS and not self._is_plain_prompt(c)]
@@ -142,6 +197,8 @@ class InputSpec(_Section):
 
     @property
     def prompt_source(self) -> str:
+        if self.messages_column is not None:
+            return self.messages_column
         return self.prompt_column or ("prompt" if self.template is None else "")
 
 
@@ -186,6 +243,56 @@ class ModelSpec(_Section):
     )
 
 
+class StructuredSpec(_Section):
+    """Constrained decoding: exactly one key. Tokens the constraint does not allow are masked
+    before sampling, and the end-of-sequence token only where the constraint may end."""
+
+    json_schema: dict[str, Any] | None = Field(
+        default=None, description="A JSON Schema every generation satisfies."
+    )
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True,
+                              serialize_by_alias=True)
+
+    json_object: bool = Field(default=False, alias="json",
+                              description="true: every generation is a JSON object.")
+    regex: str | None = Field(default=None, description="A regular expression every generation "
+                              "matches whole.")
+    choice: tuple[str, ...] | None = Field(
+        default=None, description="Every generation is exactly one of these strings."
+    )
+    grammar: str | None = Field(
+        default=None,
+        description="A Lark grammar (llguidance's dialect: EBNF-like rules, /regex/ terminals, "
+        "%json {schema} embeds) whose start rule every generation matches.",
+    )
+    json_schema_column: str | None = Field(
+        default=None,
+        description="Column holding each row's own JSON Schema (JSON text or a struct); a row "
+        "whose schema is invalid becomes an error row.",
+    )
+    tool_call: bool = Field(
+        default=False,
+        description="true: every generation is one call of one of input.tools, its arguments "
+        "valid against that tool's parameters schema.",
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StructuredSpec:
+        given = [k for k in ("json_schema", "regex", "choice", "grammar", "json_schema_column")
+                 if getattr(self, k) is not None] + [k for k in ("json_object", "tool_call")
+                                                     if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of json_schema, json, regex, choice, grammar, "
+                f"json_schema_column, tool_call (got {', '.join(given).replace('json_object', 'json') or 'none'})")
+        if self.choice is not None and (not self.choice or any(c == "" for c in self.choice)):
+            raise ValueError("choice needs at least one non-empty string")
+        from batchgen.structured import check_spec
+
+        check_spec(self)
+        return self
+
+
 class GenerationSpec(_Section):
     max_new_tokens: int = Field(default=256, gt=0, description="Tokens to generate at most.")
     temperature: float = Field(
@@ -217,6 +324,28 @@ class GenerationSpec(_Section):
         "(counted as duplicates_removed in the done markers and manifest).",
     )
 
+    structured: StructuredSpec | None = Field(
+        default=None,
+        description="Constrained decoding (see StructuredSpec): the output is guaranteed to have "
+        "the given form, except when max_new_tokens cuts it (finish_reason: length, and a "
+        "parse_error that says truncated).",
+    )
+    logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="Per generated token, its id, text and log-probability plus the K likeliest "
+        "alternatives (0: the chosen token only), and each row's cumulative_logprob. From the "
+        "model's distribution before temperature, top-k/top-p, repetition penalty and any "
+        "constraint. With mode: score, the per-token log-probabilities of the completion.",
+    )
+    reasoning_end: str | None = Field(
+        default=None,
+        description="The marker that ends a reasoning model's thinking, e.g. '</think>': the text "
+        "before it goes to the `reasoning` column, the rest to `generation`, and a constraint "
+        "applies only after it.",
+    )
+
     @model_validator(mode="after")
     def _sampling_for_many(self) -> GenerationSpec:
         if self.n > 1 and self.temperature == 0:
@@ -225,6 +354,11 @@ class GenerationSpec(_Section):
             )
         if any(s == "" for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        if self.structured is not None and self.ignore_eos:
+            raise ValueError("structured needs ignore_eos: false: a finished constraint allows "
+                             "only the end-of-sequence token")
+        if self.reasoning_end is not None and not self.reasoning_end.strip():
+            raise ValueError("reasoning_end must not be empty")
         return self
 
     @property
@@ -329,6 +463,11 @@ class StorageSpec(_Section):
 
 class JobSpec(_Section):
     name: str | None = Field(default=None, description="A name for logs and the manifest.")
+    mode: Literal["generate", "score"] = Field(
+        default="generate",
+        description="'score': no sampling; each row's input.completion_column is scored under its "
+        "prompt (teacher-forced log-likelihood, completion_tokens, perplexity).",
+    )
     input: InputSpec
     model: ModelSpec
     generation: GenerationSpec = GenerationSpec()
@@ -340,6 +479,22 @@ class JobSpec(_Section):
     def _chunking_is_one_sample(self) -> JobSpec:
         if self.input.long_documents == "chunk" and self.generation.n != 1:
             raise ValueError("input.long_documents: chunk makes one summary per row; use generation.n: 1")
+        return self
+
+    @model_validator(mode="after")
+    def _mode_fits(self) -> JobSpec:
+        g, i = self.generation, self.input
+        if self.mode == "score":
+            if not i.completion_column:
+                raise ValueError("mode: score needs input.completion_column (the text to score)")
+            if g.n != 1 or g.structured is not None or i.long_documents == "chunk":
+                raise ValueError("mode: score scores one given completion per row: it takes no "
+                                 "generation.n > 1, generation.structured or long_documents: chunk")
+        elif i.completion_column is not None:
+            raise ValueError("input.completion_column needs mode: score")
+        s = g.structured
+        if s is not None and s.tool_call and not i.tools:
+            raise ValueError("generation.structured.tool_call needs input.tools")
         return self
 
     @model_validator(mode="after")

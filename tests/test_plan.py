@@ -123,6 +123,11 @@ def _parts_changed(base_raw: dict, **sections) -> list[str]:
     ({"output": {"parse": "json", "json_schema": {"type": "object"}}}, "output"),
     ({"model": {"trust_remote_code": True}}, "model"),
     ({"generation": {"dedupe": True}}, "generation"),
+    ({"generation": {"structured": {"json": True}}}, "generation"),
+    ({"generation": {"logprobs": 2}}, "generation"),
+    ({"generation": {"reasoning_end": "</think>"}}, "generation"),
+    ({"input": {"chat": True, "chat_template_kwargs": {"enable_thinking": False}}}, "prompt"),
+    ({"input": {"chat": True, "tools": [{"name": "f"}]}}, "prompt"),
 ])
 def test_every_setting_that_changes_outputs_changes_the_fingerprint(prompts_dir, sections, part):
     base = spec_dict(str(prompts_dir), "/unused", "m")
@@ -170,6 +175,30 @@ def test_model_path_spelling_does_not_change_the_fingerprint(prompts_dir, tmp_pa
     assert a.model.path == b.model.path == str(tmp_path / "models" / "tiny")
     assert a.output.path == str(tmp_path / "out")
     assert make_plan(a).fingerprint == make_plan(b).fingerprint
+
+
+def test_keys_added_after_version_3_leave_the_fingerprint_of_jobs_that_do_not_use_them(prompts_dir):
+    """A job written before structured generation, logprobs, messages and scoring existed has
+    the fingerprint it had then (the sections as fingerprint version 3 digested them), so it
+    still resumes."""
+    from batchgen.plan import LATER_KEYS, _digest
+
+    spec = spec_for(prompts_dir)
+    parts = make_plan(spec).fingerprint_parts
+    for part, name in (("prompt", "input"), ("generation", "generation")):
+        doc = getattr(spec, name).model_dump(mode="json")
+        v3 = {k: v for k, v in doc.items() if k not in LATER_KEYS[name] and k != "path"}
+        assert parts[part] == _digest(v3)
+
+
+def test_scoring_changes_the_generation_part(prompts_dir):
+    base = spec_dict(str(prompts_dir), "/unused", "m")
+    scored = json.loads(json.dumps(base))
+    scored["mode"] = "score"
+    scored["input"]["completion_column"] = "prompt"
+    a = make_plan(parse_spec(base)).fingerprint_parts
+    b = make_plan(parse_spec(scored)).fingerprint_parts
+    assert sorted(k for k in a if a[k] != b[k]) == ["generation", "prompt"]
 
 
 def test_plans_of_earlier_versions_still_match(prompts_dir):
