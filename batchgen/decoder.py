@@ -41,8 +41,9 @@ import torch
 from batchgen.attention import (KEY_BLOCK, KWARG, Decode, Prefill, Segment, key_length,
                                  use_slots)
 from batchgen.graphs import StepGraphs
-from batchgen.sampling import Sampler, mark_seen, seen_from_prompts
+from batchgen.sampling import Sampler, mark_seen, seen_from_prompts, token_logprobs
 from batchgen.slots import SlotCache
+from batchgen.structured import apply_bitmask
 
 PREFILL_BLOCK = 8  # prefill widths: the prompt (or suffix) length rounded up to this
 # F.linear on CPU (fp32, MKL) gives a row the same bits in any GEMM whose row count is a multiple
@@ -76,6 +77,7 @@ class _Row:
     sampled: int = 0  # tokens sampled, read or not
     tokens: list[int] = field(default_factory=list)  # tokens read back
     reason: str | None = None  # set when the row has finished
+    logprobs: list = field(default_factory=list)  # per token read: (logprob, top ids, top logprobs)
 
 
 class SlotState:
@@ -114,7 +116,8 @@ class SlotDecoder:
     def __init__(self, model: Any, gen: Any, *, eos_ids: set[int], pad_id: int,
                  slots: int, max_batch_tokens: int, hit_stop: Callable[[list[int]], bool],
                  prefix: tuple[int, ...] = (), prefix_kv: dict | None = None,
-                 state: dict | None = None, graph_factory: Callable[[], Any] | None = None):
+                 state: dict | None = None, graph_factory: Callable[[], Any] | None = None,
+                 matchers: Any = None, logprobs: int | None = None):
         self.model = model
         self.base = model.base_model
         self.head = model.get_output_embeddings()
@@ -134,6 +137,10 @@ class SlotDecoder:
         # The device state, kept by the engine across runs in this dict ("slots" key).
         self._state = {} if state is None else state
         self.graph_factory = graph_factory  # CUDA graphs for decode steps (None: eager)
+        # Constrained rows (``structured.Matchers``): each step's mask needs the previous
+        # step's token, so tokens are read back at once instead of one step late.
+        self.matchers = matchers if matchers is not None and matchers.active else None
+        self.logprobs = logprobs  # top alternatives per token (None: no logprobs)
 
     # -- the split of a prompt -----------------------------------------------------------
 
@@ -151,7 +158,8 @@ class SlotDecoder:
     # -- the loop ------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def run(self, requests: list[Any]) -> list[tuple[list[int], str]]:
+    def run(self, requests: list[Any]) -> list[tuple[list[int], str, list]]:
+        """(token ids, finish reason, per-token logprobs or []) per request."""
         if not requests:
             return []
         use_slots(self.model)
@@ -161,14 +169,101 @@ class SlotDecoder:
         max_new = self.gen.max_new_tokens
         # Every prefill (the prefix's in the scratch slot too) and every decode key length
         # (``key_length``, one past the last token) fits.
-        capacity = round_up(max(round_up(len(self.prefix), PREFILL_BLOCK),
-                                *(max(sum(self.shape(p)), len(p) + max_new + 1) for p in groups)),
-                            KEY_BLOCK)
+        self._hold([max(sum(self.shape(p)), len(p) + max_new + 1) for p in groups],
+                   max(len(g) for g in groups.values()))
+        self.requests = requests
+        self.queue = deque(groups.items())
+        self.live: list[_Row] = []
+        done: list[_Row] = []
+        pending: list[tuple[list[_Row], dict, Any]] = []
+        while True:
+            pending.extend(self._admit())
+            if self.matchers is not None:  # constrained: the next masks need these tokens now
+                pending = self._read_all(pending)
+            if self.queue and not self.live:  # nothing runs, nothing admitted: never wait forever
+                raise RuntimeError(f"{len(self.queue[0][1])} samples of one prompt need more "
+                                   f"than the {self.cache.free} free slots")
+            stepping = [r for r in self.live if r.reason is None and r.sampled < max_new]
+            launched = self._decode(stepping) if stepping else None
+            pending = self._read_all(pending)
+            pending = [launched] if launched else []
+            if self.matchers is not None:
+                pending = self._read_all(pending)
+            # A finished row leaves now, even if the step in flight still computes it: what that
+            # step writes into its slot comes before the next prompt's prefill there (one
+            # stream), and its token is dropped on reading (``_read``).
+            for r in [r for r in self.live if r.reason is not None]:
+                self.live.remove(r)
+                self.cache.release(r.slot)
+                done.append(r)
+            if not self.queue and not self.live and not pending:
+                break
+        out: list[tuple[list[int], str, list]] = [([], "length", [])] * len(requests)
+        for r in done:
+            out[r.index] = (r.tokens, r.reason, r.logprobs)
+        return out
+
+    @torch.inference_mode()
+    def score(self, items: list[tuple[tuple[int, ...], tuple[int, ...]]], top: int | None = None
+              ) -> list[tuple[list[float], list[list[int]], list[list[float]]]]:
+        """Teacher-forced log-likelihood: for each (prompt, completion), the logprob of every
+        completion token given the prompt and the completion before it, and its ``top``
+        likeliest alternatives. Prefilled like prompts (the job prefix's keys shared, packed
+        forwards under the token budget); no decode steps."""
+        if not items:
+            return []
+        use_slots(self.model)
+        seqs = [(tuple(p) + tuple(c[:-1]), len(p)) for p, c in items]
+        shapes = [self._score_shape(seq, n) for seq, n in seqs]
+        self._hold([sum(shape) for shape in shapes], 1)
+        out: list = [None] * len(items)
+        order = sorted(range(len(items)), key=lambda i: (shapes[i], i))
+        while order:
+            chunk, tokens = [], 0
+            while order and len(chunk) < self.cache.free and (
+                    not chunk or tokens + shapes[order[0]][1] <= self.max_batch_tokens):
+                chunk.append(order.pop(0))
+                tokens += shapes[chunk[-1]][1]
+            slots = [self.cache.take() for _ in chunk]
+            hidden, starts = self._forward([(shapes[i], seqs[i][0], slot)
+                                            for i, slot in zip(chunk, slots)])
+            for i, at in zip(chunk, starts):
+                offset = shapes[i][0]
+                first = at + seqs[i][1] - offset - 1  # the prompt's last position
+                completion = items[i][1]
+                at_rows = torch.arange(first, first + len(completion), device=self.device)
+                targets = torch.tensor(completion, dtype=torch.long, device=self.device)
+                logits = self._logits(hidden[at_rows])
+                if (logits.isnan() | logits.isposinf()).any():
+                    raise NonFiniteLogits("the model produced NaN/inf logits")
+                chosen, top_ids, top_lps = token_logprobs(logits, targets, top or 0)
+                out[i] = (chosen.tolist(), [] if top_ids is None else top_ids.tolist(),
+                          [] if top_lps is None else top_lps.tolist())
+            for slot in slots:
+                self.cache.release(slot)
+        return out
+
+    def _score_shape(self, seq: tuple[int, ...], prompt_len: int) -> tuple[int, int]:
+        """(split, width) of a scored sequence: the prefix split is the prompt's (the first
+        scored position, the prompt's last token, is never inside the prefix)."""
+        s = self.split(seq[:prompt_len])
+        return s, round_up(len(seq) - s, PREFILL_BLOCK)
+
+    def _read_all(self, pending: list) -> list:
+        for rows, host, ready in pending:
+            if ready is not None:
+                ready.synchronize()
+            self._read(rows, host)
+        return []
+
+    def _hold(self, lengths: list[int], least: int) -> None:
+        """Take the kept device state, or make a new one, with room for keys of ``lengths``
+        (and the prefix's prefill) in at least ``least`` slots; every slot free."""
+        capacity = round_up(max(round_up(len(self.prefix), PREFILL_BLOCK), *lengths), KEY_BLOCK)
         held = self._state.get("slots")
         if held is not None:  # the capacity only grows: a kept state is not replaced for less
             capacity = max(capacity, held.cache.capacity)
-        slots = max(min(self.slots, max(1, self.max_batch_tokens // capacity)),
-                    max(len(g) for g in groups.values()))
+        slots = max(min(self.slots, max(1, self.max_batch_tokens // capacity)), least)
         dtype = next(self.model.parameters()).dtype
         penalty = self.gen.repetition_penalty != 1.0
         if held is None or not held.fits(slots, capacity, dtype, penalty):
@@ -181,45 +276,25 @@ class SlotDecoder:
         held.cache.release_all()
         self.cache, self.last_token, self.seeds = held.cache, held.last_token, held.seeds
         self.seen = held.seen
-        self.requests = requests
-        self.queue = deque(groups.items())
-        self.live: list[_Row] = []
-        done: list[_Row] = []
-        pending: list[tuple[list[_Row], torch.Tensor, Any]] = []
-        while True:
-            pending.extend(self._admit())
-            if self.queue and not self.live:  # nothing runs, nothing admitted: never wait forever
-                raise RuntimeError(f"{len(self.queue[0][1])} samples of one prompt need more "
-                                   f"than the {self.cache.free} free slots")
-            stepping = [r for r in self.live if r.reason is None and r.sampled < max_new]
-            launched = self._decode(stepping) if stepping else None
-            for rows, packed, ready in pending:
-                if ready is not None:
-                    ready.synchronize()
-                self._read(rows, packed.tolist())
-            pending = [launched] if launched else []
-            # A finished row leaves now, even if the step in flight still computes it: what that
-            # step writes into its slot comes before the next prompt's prefill there (one
-            # stream), and its token is dropped on reading (``_read``).
-            for r in [r for r in self.live if r.reason is not None]:
-                self.live.remove(r)
-                self.cache.release(r.slot)
-                done.append(r)
-            if not self.queue and not self.live and not pending:
-                break
-        out: list[tuple[list[int], str]] = [([], "length")] * len(requests)
-        for r in done:
-            out[r.index] = (r.tokens, r.reason)
-        return out
 
-    def _read(self, rows: list[_Row], packed: list[list[int]]) -> None:
-        tokens, bad = packed
+    def _read(self, rows: list[_Row], host: dict[str, torch.Tensor]) -> None:
+        tokens, bad = host["packed"].tolist()
         if any(bad):
             raise NonFiniteLogits("the model produced NaN/inf logits")
-        for r, tok in zip(rows, tokens):
+        lps = None
+        if "logprob" in host:
+            lps = host["logprob"].tolist()
+            top_ids = host["top_ids"].tolist() if "top_ids" in host else None
+            top_lps = host["top_logprobs"].tolist() if "top_ids" in host else None
+        for j, (r, tok) in enumerate(zip(rows, tokens)):
             if r.reason is not None:
                 continue  # a step past the row's end
             r.tokens.append(tok)
+            if lps is not None:
+                r.logprobs.append((lps[j], top_ids[j] if top_ids else [],
+                                   top_lps[j] if top_lps else []))
+            if self.matchers is not None:
+                self.matchers.advance(r.index, tok)
             if tok in self.eos_ids or self.hit_stop(r.tokens):
                 r.reason = "stop"
             elif len(r.tokens) == self.gen.max_new_tokens:
@@ -249,31 +324,42 @@ class SlotDecoder:
         self.live.extend(r for _, rows in admitted for r in rows)
         return results
 
-    def _prefill(self, items):
-        """Prefill ``items`` ((offset, width), prompt, rows) in one forward, packed."""
+    def _forward(self, items) -> tuple[torch.Tensor, list[int]]:
+        """One packed forward of ``items`` ((offset, width), tokens, slot): each item's tokens
+        after ``offset`` (the prefix's keys are loaded into its slot) in a segment of
+        ``width``. Returns the hidden states [total, hidden] and where each item starts."""
         dev = self.device
         total = sum(width for (_, width), _, _ in items)
         ids = torch.full((1, total), self.pad_id, dtype=torch.long)
         positions = torch.empty((1, total), dtype=torch.long)
-        last, segments, start = [], [], 0
-        for (offset, width), prompt, rows in items:
-            suffix = prompt[offset:]
+        starts, segments, start = [], [], 0
+        for (offset, width), tokens, slot in items:
+            suffix = tokens[offset:]
             ids[0, start:start + len(suffix)] = torch.tensor(suffix, dtype=torch.long)
             positions[0, start:start + width] = offset + torch.arange(width).clamp(
                 max=len(suffix) - 1)
-            last.append(start + len(suffix) - 1)
+            starts.append(start)
             if segments and (segments[-1][0], segments[-1][1]) == (offset, width):
-                segments[-1][3].append(rows[0].slot)
+                segments[-1][3].append(slot)
             else:
-                segments.append((offset, width, start, [rows[0].slot]))
+                segments.append((offset, width, start, [slot]))
             if offset:
-                self.cache.load(rows[0].slot, self._prefix())
+                self.cache.load(slot, self._prefix())
             start += width
         step = Prefill(self.cache, [Segment(torch.tensor(slots, device=dev), offset, width, at)
                                     for offset, width, at, slots in segments])
         hidden = self._hidden(ids.to(dev), positions.to(dev), step)
-        logits = self._logits(hidden[0, torch.tensor(last, device=dev)])
         self.stats.prefill_positions += total
+        return hidden[0], starts
+
+    def _prefill(self, items):
+        """Prefill ``items`` ((offset, width), prompt, rows) in one forward, packed."""
+        dev = self.device
+        hidden, starts = self._forward([(shape, prompt, rows[0].slot)
+                                        for shape, prompt, rows in items])
+        last = [at + len(prompt) - offset - 1
+                for at, ((offset, _), prompt, _) in zip(starts, items)]
+        logits = self._logits(hidden[torch.tensor(last, device=dev)])
         # Fork: the prompt's keys into its other samples' slots; every sample draws its first
         # token from the shared logits with its own seed.
         children, which = [], []
@@ -324,11 +410,14 @@ class SlotDecoder:
                   "slots": slots_t,
                   "seeds": self.seeds[slots_t],
                   "steps": torch.tensor([r.sampled for r in rows] + [0] * (b - n), device=dev)}
+        allowed = self._allowed(rows, b)
+        if allowed is not None:
+            inputs["allowed"] = allowed
         if graphed:
             # One key length for the whole step (a graph per (rows, key length) bucket).
             longest = max(key_length(p) for p in positions)
             length = min(round_up(longest, GRAPH_KEY_BLOCK), self.cache.capacity)
-            packed = graphs((b, length), inputs)["packed"]
+            out = graphs((b, length, allowed is not None), inputs)
         else:
             # One SDPA call per key-length bucket: a row attends over the same key length
             # whatever its neighbours (bitwise invariance on CPU).
@@ -337,7 +426,7 @@ class SlotDecoder:
                 buckets.setdefault(key_length(p), []).append(i)
             groups = [(torch.tensor(idx, device=dev), length)
                       for length, idx in sorted(buckets.items())]
-            packed = self._step(groups, inputs)["packed"]
+            out = self._step(groups, inputs)
         for r in rows:
             r.length += 1
             r.sampled += 1
@@ -348,10 +437,10 @@ class SlotDecoder:
         if self.queue:
             s.busy_row_steps += n
             s.busy_slot_steps += self.cache.slots
-        return self._readback(rows, packed[:, :n])
+        return self._readback(rows, out)
 
-    def _graph_step(self, key: tuple[int, int], inputs: dict[str, torch.Tensor]):
-        rows, length = key
+    def _graph_step(self, key: tuple[int, int, bool], inputs: dict[str, torch.Tensor]):
+        rows, length, _ = key
         return self._step([(torch.arange(rows, device=self.device), length)], inputs)
 
     def _step(self, groups, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -361,36 +450,58 @@ class SlotDecoder:
         step = Decode(self.cache, slots, positions, groups)
         hidden = self._hidden(inputs["ids"][:, None], positions[:, None], step)
         logits = self.head(hidden[:, -1]).float()
-        return {"packed": self._choose(logits, slots, inputs["seeds"], inputs["steps"])}
+        return self._choose(logits, slots, inputs["seeds"], inputs["steps"],
+                            inputs.get("allowed"))
 
     def _sample(self, rows: list[_Row], slots: torch.Tensor, logits: torch.Tensor):
         """First tokens, from the prefill's logits."""
         steps = torch.tensor([r.sampled for r in rows], dtype=torch.long, device=self.device)
-        packed = self._choose(logits, slots, self.seeds[slots], steps)
+        out = self._choose(logits, slots, self.seeds[slots], steps, self._allowed(rows, len(rows)))
         for r in rows:
             r.sampled += 1
-        return self._readback(rows, packed)
+        return self._readback(rows, out)
 
-    def _choose(self, logits, slots, seeds, steps) -> torch.Tensor:
-        """Each row's token, kept as its slot's last token (and seen); returns [2, rows]:
-        the tokens and whether the row's logits were NaN/+inf. Device ops only."""
+    def _allowed(self, rows: list[_Row], width: int) -> torch.Tensor | None:
+        """The constrained rows' token bitmasks (padding rows allow everything), or None."""
+        if self.matchers is None:
+            return None
+        return self.matchers.bitmask([r.index for r in rows] + [None] * (width - len(rows)),
+                                     self.device)
+
+    def _choose(self, logits, slots, seeds, steps, allowed=None) -> dict[str, torch.Tensor]:
+        """Each row's token, kept as its slot's last token (and seen). Returns "packed" [2,
+        rows]: the tokens and whether the row's logits were NaN/+inf; with logprobs also
+        "logprob" [rows] (and "top_ids", "top_logprobs" [rows, K]), from the model's logits.
+        ``allowed``: the constrained rows' token bitmasks, applied before sampling. Device ops
+        only."""
+        raw = logits
+        if allowed is not None:
+            logits = apply_bitmask(logits, allowed)
         seen = None if self.seen is None else self.seen[slots]
         tokens = self.sampler.choose(logits, seeds, steps, seen)
         self.last_token[slots] = tokens
         if self.seen is not None:
             mark_seen(self.seen, slots, tokens)
-        bad = (logits.isnan() | logits.isposinf()).any(-1)
-        return torch.stack([tokens, bad.long()])
+        bad = (raw.isnan() | raw.isposinf()).any(-1)
+        out = {"packed": torch.stack([tokens, bad.long()])}
+        if self.logprobs is not None:
+            chosen, top_ids, top_lps = token_logprobs(raw, tokens, self.logprobs)
+            out["logprob"] = chosen
+            if top_ids is not None:
+                out["top_ids"], out["top_logprobs"] = top_ids, top_lps
+        return out
 
-    def _readback(self, rows: list[_Row], packed: torch.Tensor):
-        """(rows, tokens and non-finite flags, an event to wait on): copied to the host
-        without waiting; ``run`` reads them one step later."""
-        if packed.device.type != "cuda":
-            return rows, packed, None
+    def _readback(self, rows: list[_Row], out: dict[str, torch.Tensor]):
+        """(rows, the step's outputs on the host, an event to wait on): copied without
+        waiting; ``run`` reads them one step later (at once when constrained)."""
+        n = len(rows)
+        out = {k: (v[:, :n] if k == "packed" else v[:n]) for k, v in out.items()}
+        if next(iter(out.values())).device.type != "cuda":
+            return rows, out, None
         ready = torch.cuda.Event()
-        packed = packed.to("cpu", non_blocking=True)
+        out = {k: v.to("cpu", non_blocking=True) for k, v in out.items()}
         ready.record()
-        return rows, packed, ready
+        return rows, out, ready
 
     # -- the model -----------------------------------------------------------------------
 

@@ -47,6 +47,15 @@ log = logging.getLogger("batchgen.engine")
 class Request:
     prompt_ids: tuple[int, ...]
     seed: int = 0
+    constraint: Any = None  # a structured.Constraint: tokens it does not allow are masked
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    token: str
+    logprob: float
+    top: tuple[tuple[int, str, float], ...] = ()  # the likeliest tokens: (id, text, logprob)
 
 
 @dataclass
@@ -56,6 +65,28 @@ class Completion:
     generated_tokens: int
     token_ids: list[int] = field(default_factory=list, repr=False)
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = field(default=None, repr=False)  # generation.logprobs
+    truncated: bool = False  # constrained, and cut by max_new_tokens before it was complete
+
+    @property
+    def cumulative_logprob(self) -> float | None:
+        return None if self.logprobs is None else sum(t.logprob for t in self.logprobs)
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    prompt_ids: tuple[int, ...]
+    completion_ids: tuple[int, ...]  # at least one token
+
+
+@dataclass
+class Score:
+    logprobs: list[TokenLogprob] | None  # one per completion token; None on error
+    error: str | None = None
+
+    @property
+    def logprob(self) -> float | None:
+        return None if self.logprobs is None else sum(t.logprob for t in self.logprobs)
 
 
 @dataclass
@@ -133,7 +164,12 @@ class EchoEngine:
     def generate(self, requests: list[Request]) -> list[Completion]:
         self.stats.batches += 1 if requests else 0
         self.stats.generated_tokens += len(requests)
-        return [Completion(self.TEXT, "stop", 1, [0]) for _ in requests]
+        lps = None if self.gen.logprobs is None else [TokenLogprob(0, self.TEXT, 0.0)]
+        return [Completion(self.TEXT, "stop", 1, [0], logprobs=lps) for _ in requests]
+
+    def score(self, requests: list[ScoreRequest]) -> list[Score]:
+        """Every completion token gets logprob 0 (no model)."""
+        return [Score([TokenLogprob(t, "", 0.0) for t in r.completion_ids]) for r in requests]
 
 
 class Engine:
@@ -168,6 +204,8 @@ class Engine:
         self._prefix: tuple[int, ...] = ()
         self._prefix_kv: dict = {}  # the prefix's keys per dtype, computed once per replica
         self._state: dict = {}  # the slot decoder's device state (cache, graphs) across runs
+        self._grammars = None  # structured.Grammars, made with the first constrained request
+        self._token_text: dict[int, str] = {}
         self.graph_factory = None
         if cuda_graphs and self.device.type == "cuda":
             from batchgen.graphs import CudaGraph
@@ -206,12 +244,32 @@ class Engine:
     # -- the path --------------------------------------------------------------------------
 
     def _slot_decoder(self, gen: GenerationSpec, eos_ids: set[int], prefix=(),
-                      prefix_kv=None, state=None) -> SlotDecoder:
+                      prefix_kv=None, state=None, matchers=None) -> SlotDecoder:
         return SlotDecoder(self.model, gen, eos_ids=eos_ids, pad_id=self.pad_id,
                            slots=self.batch_size, max_batch_tokens=self.max_batch_tokens,
                            hit_stop=self._hit_stop, prefix=prefix, prefix_kv=prefix_kv,
                            state=state, graph_factory=self.graph_factory if state is not None
-                           else None)
+                           else None, matchers=matchers, logprobs=gen.logprobs)
+
+    @property
+    def grammars(self):
+        """The compiled constraints of this replica (``structured.Grammars``), or None."""
+        return self._grammars
+
+    def _matchers(self, requests: list[Request]):
+        """One constraint matcher per request of a run, or None when none is constrained."""
+        if all(r.constraint is None for r in requests):
+            return None
+        from batchgen.structured import Grammars, Matchers
+
+        if self._grammars is None:
+            self._grammars = Grammars(self.tokenizer, self.model.get_output_embeddings().weight
+                                      .shape[0], self.tokenizer.eos_token_id)
+        gate = ()
+        if self.gen.reasoning_end:
+            gate = tuple(self.tokenizer(self.gen.reasoning_end, add_special_tokens=False)
+                         ["input_ids"])
+        return Matchers(self._grammars, [r.constraint for r in requests], gate)
 
     @property
     def graphs(self):
@@ -346,9 +404,10 @@ class Engine:
     def _run(self, requests: list[Request]) -> list[Completion]:
         started = time.perf_counter()
         s = self.stats
+        matchers = self._matchers(requests)
         if self.path == "slots":
             decoder = self._slot_decoder(self.gen, self.eos_ids, self._prefix, self._prefix_kv,
-                                         self._state)
+                                         self._state, matchers)
             results = decoder.run(requests)
             d = decoder.stats
             s.padded_prompt_positions += d.prefill_positions
@@ -358,10 +417,14 @@ class Engine:
                 setattr(s, k, getattr(s, k) + getattr(d, k))
         else:
             decoder = HFDecoder(self.model, self.gen, eos_ids=self.eos_ids, pad_id=self.pad_id,
-                                hit_stop=self._hit_stop)
+                                hit_stop=self._hit_stop, matchers=matchers,
+                                logprobs=self.gen.logprobs)
             results = decoder.run(requests)
             s.padded_prompt_positions += decoder.padded_positions
-        completions = [self._finish(ids, reason) for ids, reason in results]
+        completions = [self._finish(ids, reason, lps) for ids, reason, lps in results]
+        if matchers is not None:
+            for i, c in enumerate(completions):
+                c.truncated = c.finish_reason == "length" and matchers.truncated(i)
         s.batches += 1
         s.prompt_tokens += sum(len(r.prompt_ids) for r in requests)
         s.generated_tokens += sum(c.generated_tokens for c in completions)
@@ -374,12 +437,85 @@ class Engine:
         tail = self.tokenizer.decode(ids[-self._stop_window :], skip_special_tokens=True)
         return any(s in tail for s in self.gen.stop)
 
-    def _finish(self, ids: list[int], reason: str) -> Completion:
+    def _finish(self, ids: list[int], reason: str, lps: list) -> Completion:
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         cut = min((i for i in (text.find(s) for s in self.gen.stop) if i >= 0), default=-1)
         if cut >= 0:
             text, reason = text[:cut], "stop"
-        return Completion(text, reason, len(ids), ids)
+        logprobs = None
+        if self.gen.logprobs is not None:
+            logprobs = self._token_logprobs(ids, lps)
+        return Completion(text, reason, len(ids), ids, logprobs=logprobs)
+
+    def _token_logprobs(self, ids, lps) -> list[TokenLogprob]:
+        """(logprob, top ids, top logprobs) per token, with each token's text."""
+        text = self._texts([*ids, *(t for _, top, _ in lps for t in top)])
+        return [TokenLogprob(t, text[t], lp, tuple((i, text[i], v) for i, v in zip(top, vals)))
+                for t, (lp, top, vals) in zip(ids, lps)]
+
+    def _texts(self, ids) -> dict[int, str]:
+        """Each token's own text (decoded alone), cached per engine."""
+        missing = sorted({i for i in ids if i not in self._token_text})
+        if missing:
+            texts = self.tokenizer.batch_decode([[i] for i in missing])
+            self._token_text.update(zip(missing, texts))
+        return self._token_text
+
+    # -- scoring ---------------------------------------------------------------------------
+
+    def score(self, requests: list[ScoreRequest]) -> list[Score]:
+        """Teacher-forced logprobs of each request's completion after its prompt, with the
+        top-``generation.logprobs`` alternatives of each token when asked for. Batched under
+        the token budget, the job prefix's keys shared (slot path). A batch that runs out of
+        memory or goes non-finite is split in halves; a request that fails alone gets an
+        error."""
+        if not requests:
+            return []
+        started = time.perf_counter()
+        out = self._score_or_split(list(requests))
+        self.stats.batches += 1
+        self.stats.prompt_tokens += sum(len(r.prompt_ids) + len(r.completion_ids)
+                                        for r in requests)
+        self.stats.seconds += time.perf_counter() - started
+        return out
+
+    def _score_or_split(self, requests: list[ScoreRequest]) -> list[Score]:
+        items = [(r.prompt_ids, r.completion_ids) for r in requests]
+        top = self.gen.logprobs
+        try:
+            if self.path == "slots":
+                decoder = self._slot_decoder(self.gen, self.eos_ids, self._prefix,
+                                             self._prefix_kv, self._state)
+                results = decoder.score(items, top)
+                self.stats.padded_prompt_positions += decoder.stats.prefill_positions
+                self.stats.prefix_positions += decoder.stats.prefix_positions
+            else:
+                decoder = HFDecoder(self.model, self.gen, eos_ids=self.eos_ids,
+                                    pad_id=self.pad_id, hit_stop=self._hit_stop)
+                results = []
+                for batch in self.plan_batches([len(p) + len(c) for p, c in items]):
+                    for i, r in zip(batch, decoder.score([items[i] for i in batch], top)):
+                        results.append((i, r))
+                results = [r for _, r in sorted(results, key=lambda x: x[0])]
+                self.stats.padded_prompt_positions += decoder.padded_positions
+        except NonFiniteLogits as e:
+            problem = str(e)
+        except (RuntimeError, MemoryError) as e:
+            if not (isinstance(e, MemoryError) or _is_oom(e)):
+                raise
+            problem = f"out of memory: {str(e).splitlines()[0][:200]}"
+        else:
+            return [Score(self._token_logprobs(
+                list(r.completion_ids),
+                [(lp, ids[j] if ids else [], vals[j] if vals else [])
+                 for j, lp in enumerate(chosen)]))
+                for r, (chosen, ids, vals) in zip(requests, results)]
+        _free_memory()
+        if len(requests) > 1:
+            self.stats.splits += 1
+            half = len(requests) // 2
+            return self._score_or_split(requests[:half]) + self._score_or_split(requests[half:])
+        return [Score(None, error=f"scoring failed alone: {problem}")]
 
 
 def _halve(requests: list[Request]) -> int:

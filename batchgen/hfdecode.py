@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from batchgen.attention import use_own
 from batchgen.decoder import NonFiniteLogits
-from batchgen.sampling import Sampler, mark_seen, seen_from_prompts
+from batchgen.sampling import Sampler, mark_seen, seen_from_prompts, token_logprobs
+from batchgen.structured import apply_bitmask
 
 PREFILL_FILL = 0.9  # least share of real tokens among the prompt positions of a prefill group
 
@@ -33,20 +34,24 @@ def has_sliding_window(config: Any) -> bool:
 
 class HFDecoder:
     def __init__(self, model: Any, gen: Any, *, eos_ids: set[int], pad_id: int,
-                 hit_stop: Callable[[list[int]], bool]):
+                 hit_stop: Callable[[list[int]], bool], matchers: Any = None,
+                 logprobs: int | None = None):
         self.model = model
         self.gen = gen
         self.sampler = Sampler(gen)
         self.eos_ids = eos_ids
         self.pad_id = pad_id
         self.hit_stop = hit_stop
+        self.matchers = matchers if matchers is not None and matchers.active else None
+        self.logprobs = logprobs
         self.device = next(model.parameters()).device
         self.padded_positions = 0
         self._keep_last = True
         self._can_stack_caches = not has_sliding_window(model.config)
 
     @torch.inference_mode()
-    def run(self, requests: list[Any]) -> list[tuple[list[int], str]]:
+    def run(self, requests: list[Any]) -> list[tuple[list[int], str, list]]:
+        """(token ids, finish reason, per-token logprobs or []) per request."""
         use_own(self.model)
         B = len(requests)
         L = max(len(r.prompt_ids) for r in requests)
@@ -76,14 +81,28 @@ class HFDecoder:
         # 3. Decode until every row has stopped; finished rows leave the batch.
         active = list(range(B))  # batch row -> request index
         generated: list[list[int]] = [[] for _ in range(B)]
+        logprobs: list[list] = [[] for _ in range(B)]
         reasons = ["length"] * B
         for step in range(self.gen.max_new_tokens):
             steps = torch.full((len(active),), step, dtype=torch.long, device=dev)
-            chosen = self.sampler.choose(logits, seeds, steps, seen)
+            allowed = logits
+            if self.matchers is not None:
+                allowed = apply_bitmask(logits, self.matchers.bitmask(active, dev))
+            chosen = self.sampler.choose(allowed, seeds, steps, seen)
             tokens = chosen.tolist()
+            lps = None
+            if self.logprobs is not None:
+                lp, top_ids, top_lps = token_logprobs(logits, chosen, self.logprobs)
+                lps = list(zip(lp.tolist(), top_ids.tolist() if top_ids is not None
+                               else [[]] * len(tokens),
+                               top_lps.tolist() if top_lps is not None else [[]] * len(tokens)))
             still = []
             for row, (req, tok) in enumerate(zip(active, tokens)):
                 generated[req].append(tok)
+                if lps is not None:
+                    logprobs[req].append(lps[row])
+                if self.matchers is not None:
+                    self.matchers.advance(req, tok)
                 if tok in self.eos_ids or self.hit_stop(generated[req]):
                     reasons[req] = "stop"
                 else:
@@ -105,7 +124,37 @@ class HFDecoder:
                              past_key_values=cache, use_cache=True)
             logits = _last_logits(out)
             next_pos = next_pos + 1
-        return list(zip(generated, reasons))
+        return list(zip(generated, reasons, logprobs))
+
+    @torch.inference_mode()
+    def score(self, items: list[tuple[tuple[int, ...], tuple[int, ...]]], top: int | None = None
+              ) -> list[tuple[list[float], list[list[int]], list[list[float]]]]:
+        """Teacher-forced logprobs of each completion after its prompt (see
+        ``SlotDecoder.score``): one right-padded forward over prompt + completion."""
+        if not items:
+            return []
+        use_own(self.model)
+        dev = self.device
+        seqs = [tuple(p) + tuple(c[:-1]) for p, c in items]
+        L = max(len(q) for q in seqs)
+        ids = torch.full((len(seqs), L), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), L), dtype=torch.long)
+        for row, q in enumerate(seqs):
+            ids[row, :len(q)] = torch.tensor(q, dtype=torch.long)
+            mask[row, :len(q)] = 1
+        out = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
+                         position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(dev), use_cache=False)
+        self.padded_positions += len(seqs) * L
+        results = []
+        for row, (p, c) in enumerate(items):
+            logits = out.logits[row, len(p) - 1:len(p) - 1 + len(c)].float()
+            if torch.isnan(logits).any() or torch.isposinf(logits).any():
+                raise NonFiniteLogits("the model produced NaN/inf logits")
+            chosen, top_ids, top_lps = token_logprobs(
+                logits, torch.tensor(c, dtype=torch.long, device=dev), top or 0)
+            results.append((chosen.tolist(), [] if top_ids is None else top_ids.tolist(),
+                            [] if top_lps is None else top_lps.tolist()))
+        return results
 
     def _grouped_prefill(self, input_ids, mask, positions, lengths):
         """(cache, last logits, prompt positions computed). Rows come longest first; a new

@@ -71,7 +71,7 @@ def _compare(model: Any, decoder: Any, context: int | None) -> tuple[bool, str]:
         head = decoder.head(model.base_model(input_ids=ids, use_cache=False)[0]).float()
         if not torch.allclose(head, own, rtol=tie, atol=tie * max(1.0, float(own.abs().max()))):
             return False, "the model transforms its logits after the LM head (scaling, softcap)"
-        for prompt, (tokens, _) in zip(prompts, got):
+        for prompt, (tokens, *_) in zip(prompts, got):
             ids = torch.tensor([list(prompt) + tokens[:-1]], device=decoder.device)
             logits = model(input_ids=ids).logits[0, len(prompt) - 1:].float()
             for step, token in enumerate(tokens):

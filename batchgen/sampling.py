@@ -145,3 +145,17 @@ class Sampler:
             logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
         noise = gumbel_noise(seeds, steps, vocab)
         return (logits.log_softmax(dim=-1) + noise).argmax(dim=-1)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(logprob of each row's token [B], the ``top`` likeliest tokens [B, top] and their
+    logprobs [B, top], or None when top is 0), from ``logits`` as the model gave them (before
+    penalty, temperature, top-k/top-p and any constraint: the distribution OpenAI reports).
+    Device ops only."""
+    logp = logits.float().log_softmax(dim=-1)
+    chosen = logp.gather(1, tokens[:, None])[:, 0]
+    if not top:
+        return chosen, None, None
+    values, ids = logp.topk(top, dim=-1)
+    return chosen, ids, values

@@ -119,7 +119,7 @@ def test_graphed_decode_steps_give_the_eager_tokens(tiny, sampling):
     assert got == want
     graphs = graphed.graphs
     assert graphs is not None and graphs.enabled and graphs.replays > 0
-    assert {rows for rows, _ in graphs.graphs} <= {graph_rows(n) for n in range(1, 7)}
+    assert {rows for rows, *_ in graphs.graphs} <= {graph_rows(n) for n in range(1, 7)}
     assert sum(g.replays for g in ReplayByCall.made) == graphs.replays
     # a second run reuses the state and its graphs: no new capture for known shapes
     captured = len(graphs.graphs)
