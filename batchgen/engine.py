@@ -157,6 +157,9 @@ class EchoEngine:
     def tokenize(self, texts: list[str], *, chat: bool = False) -> list[list[int]]:
         return [list(range(len(t.split()))) for t in texts]
 
+    def tokenize_continuation(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenize(texts)
+
     def fit(self, ids: list[int]) -> tuple[int, ...]:
         limit = self.max_input_tokens
         return tuple(ids if limit is None else ids[-limit:])
@@ -199,7 +202,6 @@ class Engine:
         self.max_batch_tokens = max_batch_tokens
         self.device = next(model.parameters()).device
         self.pad_id = tokenizer.pad_token_id
-        self.eos_ids = set() if generation.ignore_eos else _eos_ids(model, tokenizer)
         self.stats = EngineStats()
         self._prefix: tuple[int, ...] = ()
         self._prefix_kv: dict = {}  # the prefix's keys per dtype, computed once per replica
@@ -221,6 +223,7 @@ class Engine:
     @gen.setter
     def gen(self, generation: GenerationSpec) -> None:
         self._gen = generation
+        self.eos_ids = set() if generation.ignore_eos else _eos_ids(self.model, self.tokenizer)
         longest_stop = max((len(s) for s in generation.stop), default=0)
         self._stop_window = 2 * longest_stop + 4  # tokens re-decoded to look for a stop string
 
@@ -308,6 +311,10 @@ class Engine:
             return []
         # A chat template already writes the model's special tokens; adding them again doubles BOS.
         return self.tokenizer(list(texts), add_special_tokens=not chat)["input_ids"]
+
+    def tokenize_continuation(self, texts: list[str]) -> list[list[int]]:
+        """Tokens of texts that follow a prompt (scored completions): no special tokens."""
+        return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
 
     def fit(self, ids: list[int]) -> tuple[int, ...]:
         """Apply model.max_input_tokens and model.truncation; raises PromptTooLong."""

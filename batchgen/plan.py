@@ -120,7 +120,7 @@ def make_plan(spec: JobSpec) -> Plan:
     check_output_outside_input(spec)
     options = input_options(spec)
     listed = list_input_files(spec.input.path, options, spec.input.format)
-    needed = prompts.needed_columns(spec.input)
+    needed = prompts.job_columns(spec)
 
     def footer(entry: tuple[str, int, str]) -> InputFile:
         url, size, etag = entry
@@ -368,7 +368,8 @@ def _footer_rows(url: str, options: dict, needed: list[str], inp: InputSpec) -> 
     if missing:
         raise SpecError(
             f"{url}: column(s) {', '.join(missing)} named by the spec (input.prompt_column, "
-            f"input.template, input.id_column or input.columns) are not in the file; it has: "
+            f"input.template, input.messages_column, input.completion_column, input.id_column, "
+            f"input.columns or generation.structured.json_schema_column) are not in the file; it has: "
             f"{', '.join(sorted(names))}"
         )
     prompts.check_column_types(inp, schema, url)

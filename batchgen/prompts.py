@@ -93,9 +93,20 @@ def needed_columns(spec: InputSpec) -> list[str]:
             cols.append(spec.chunk_column)
     else:
         cols.append(spec.prompt_source)
+    if spec.completion_column:
+        cols.append(spec.completion_column)
     if spec.id_column:
         cols.append(spec.id_column)
     cols += list(spec.columns)
+    return list(dict.fromkeys(cols))
+
+
+def job_columns(spec: JobSpec) -> list[str]:
+    """``needed_columns`` plus the column of per-row JSON Schemas (generation.structured)."""
+    cols = needed_columns(spec.input)
+    structured = spec.generation.structured
+    if structured is not None and structured.json_schema_column:
+        cols.append(structured.json_schema_column)
     return list(dict.fromkeys(cols))
 
 

@@ -11,11 +11,12 @@ same text wherever it runs. No torch here.
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Any, Protocol
 
 import pyarrow as pa
 
-from batchgen import postprocess
+from batchgen import postprocess, responses
 from batchgen.errors import ShardError
 from batchgen.spec import JobSpec
 
@@ -31,6 +32,16 @@ OUTPUT_FIELDS = [
     pa.field("seed", pa.int64(), nullable=False),
 ]
 PARSE_FIELDS = [pa.field("parsed", pa.string()), pa.field("parse_error", pa.string())]
+_TOKEN = [pa.field("token_id", pa.int32(), nullable=False), pa.field("token", pa.string()),
+          pa.field("logprob", pa.float64(), nullable=False)]
+LOGPROBS_TYPE = pa.list_(pa.struct(_TOKEN + [pa.field("top_logprobs",
+                                                        pa.list_(pa.struct(_TOKEN)))]))
+LOGPROB_FIELDS = [pa.field("logprobs", LOGPROBS_TYPE), pa.field("cumulative_logprob", pa.float64())]
+SCORE_FIELDS = [pa.field("completion", pa.string()), pa.field("completion_tokens", pa.int32()),
+                pa.field("completion_logprob", pa.float64()), pa.field("perplexity", pa.float64())]
+TOOL_CALLS_TYPE = pa.list_(pa.struct([pa.field("name", pa.string(), nullable=False),
+                                      pa.field("arguments", pa.string(), nullable=False)]))
+REASONING_FIELDS = [pa.field("reasoning", pa.string())]
 CHUNK_FIELDS = [pa.field("document_tokens", pa.int32()), pa.field("chunks", pa.int32())]
 CHUNKS_SCHEMA = pa.schema([
     pa.field("row_id", pa.string(), nullable=False),
@@ -50,16 +61,45 @@ class Completion(Protocol):  # batchgen.engine.Completion, without importing tor
     finish_reason: str
     generated_tokens: int
     error: str | None
+    logprobs: Any  # list of engine.TokenLogprob, or None
+    truncated: bool
+
+
+def parses(spec: JobSpec) -> bool:
+    """Whether rows get ``parsed``/``parse_error``: output.parse: json, a constraint (is the
+    output complete under it?), or tools (are the calls valid?)."""
+    return (spec.output.parse == "json" or spec.generation.structured is not None
+            or bool(spec.input.tools))
 
 
 def output_fields(spec: JobSpec) -> list[pa.Field]:
     """The columns batchgen adds to every output row of this job."""
     fields = list(OUTPUT_FIELDS)
-    if spec.output.parse == "json":
+    if spec.mode == "score":
+        fields += SCORE_FIELDS
+        if spec.generation.logprobs is not None:
+            fields.append(LOGPROB_FIELDS[0])
+        return fields
+    if parses(spec):
         fields += PARSE_FIELDS
     if spec.input.long_documents == "chunk":
         fields += CHUNK_FIELDS
+    if spec.generation.logprobs is not None:
+        fields += LOGPROB_FIELDS
+    if spec.input.tools:
+        fields.append(pa.field("tool_calls", TOOL_CALLS_TYPE))
+    if spec.generation.reasoning_end is not None:
+        fields += REASONING_FIELDS
     return fields
+
+
+def logprob_rows(logprobs: Any) -> list[dict] | None:
+    """engine.TokenLogprob values as the ``logprobs`` column's structs."""
+    if logprobs is None:
+        return None
+    return [{"token_id": t.token_id, "token": t.token, "logprob": t.logprob,
+             "top_logprobs": [{"token_id": i, "token": text, "logprob": v}
+                              for i, text, v in t.top]} for t in logprobs]
 
 
 def row_seed(job_seed: int, row_id: str, sample_index: int) -> int:
@@ -98,6 +138,7 @@ def assemble(
     prompt_tokens: dict[int, int],
     done: dict[tuple[int, int], Completion],
     chunk_counts: dict[int, tuple[int, int]] | None = None,
+    tokenizer: Any = None,
 ) -> tuple[dict[str, list], list[int]]:
     """Output columns for rows ``0..len(row_ids)-1``, one entry per (row, sample index), and
     for each entry the row it came from. A (row, sample) without a completion, or with an error
@@ -121,16 +162,69 @@ def assemble(
             out["error"].append(((c.error if c is not None else errors[k])
                                  or "no completion") if failed else None)
             out["seed"].append(row_seed(spec.generation.seed, row_id, s))
+            if spec.generation.logprobs is not None:
+                lps = None if failed else c.logprobs
+                out["logprobs"].append(logprob_rows(lps))
+                out["cumulative_logprob"].append(
+                    None if lps is None else sum(t.logprob for t in lps))
             if chunk_counts is not None:
                 document_tokens, windows = chunk_counts.get(k, (0, 0))
                 out["document_tokens"].append(document_tokens)
                 out["chunks"].append(windows)
-    return _after_decoding(spec, out, take)
+    truncated = [False if (c := done.get((k, s))) is None else bool(getattr(c, "truncated", False))
+                 for k in range(len(row_ids)) for s in range(n)]
+    return _after_decoding(spec, out, take, truncated, tokenizer)
 
 
-def _after_decoding(spec: JobSpec, out: dict[str, list], take: list[int]
-                    ) -> tuple[dict[str, list], list[int]]:
-    """Duplicate samples out (generation.dedupe), JSON parsed (output.parse: json)."""
+def assemble_scores(
+    spec: JobSpec,
+    row_ids: list[str],
+    texts: list[str | None],
+    errors: list[str | None],
+    prompt_tokens: dict[int, int],
+    completions: list[str | None],
+    scores: dict[int, Any],
+) -> tuple[dict[str, list], list[int]]:
+    """Output columns of a scoring job (mode: score): one row per input row, with its
+    completion's token count, log-likelihood and perplexity (``scores``: engine.Score per row
+    that was scored; a row without one, or whose score failed, is an error row)."""
+    out: dict[str, list] = {f.name: [] for f in output_fields(spec)}
+    for k, row_id in enumerate(row_ids):
+        sc = scores.get(k)
+        failed = sc is None or sc.logprobs is None
+        logprob = None if failed else sc.logprob
+        tokens = None if failed else len(sc.logprobs)
+        out["row_id"].append(row_id)
+        out["sample_index"].append(0)
+        out["prompt"].append(texts[k])
+        out["generation"].append(None)
+        out["finish_reason"].append("error" if failed else "scored")
+        out["prompt_tokens"].append(prompt_tokens.get(k, 0))
+        out["generated_tokens"].append(0)
+        out["error"].append(((sc.error if sc is not None else errors[k]) or "not scored")
+                            if failed else None)
+        out["seed"].append(row_seed(spec.generation.seed, row_id, 0))
+        out["completion"].append(completions[k])
+        out["completion_tokens"].append(tokens)
+        out["completion_logprob"].append(logprob)
+        out["perplexity"].append(None if failed else math.exp(-logprob / tokens))
+        if spec.generation.logprobs is not None:
+            out["logprobs"].append(None if failed else logprob_rows(sc.logprobs))
+    return out, list(range(len(row_ids)))
+
+
+def _after_decoding(spec: JobSpec, out: dict[str, list], take: list[int], truncated: list[bool],
+                    tokenizer: Any = None) -> tuple[dict[str, list], list[int]]:
+    """Reasoning split off (generation.reasoning_end), duplicate samples out
+    (generation.dedupe), tool calls read (input.tools), outputs parsed: JSON (output.parse:
+    json, JSON constraints) or checked complete (other constraints)."""
+    if spec.generation.reasoning_end is not None:
+        for j, (text, prompt) in enumerate(zip(out["generation"], out["prompt"])):
+            reasoning = None
+            if text is not None:
+                reasoning, out["generation"][j] = responses.split_reasoning(
+                    text, spec.generation.reasoning_end, prompt=prompt)
+            out["reasoning"].append(reasoning)
     if spec.generation.dedupe and spec.generation.n > 1:
         failed = [r == "error" for r in out["finish_reason"]]
         drop = postprocess.duplicate_samples(out["row_id"], out["generation"], failed)
@@ -138,13 +232,41 @@ def _after_decoding(spec: JobSpec, out: dict[str, list], take: list[int]
             out = {name: [v for j, v in enumerate(col) if j not in drop]
                    for name, col in out.items()}
             take = [v for j, v in enumerate(take) if j not in drop]
-    if spec.output.parse == "json":
-        for text, reason in zip(out["generation"], out["finish_reason"]):
-            parsed, why = (postprocess.parse_generation(text, spec.output.json_schema)
-                           if reason != "error" else (None, "no generation"))
+            truncated = [v for j, v in enumerate(truncated) if j not in drop]
+    if spec.input.tools:
+        calls = []
+        for text, reason, prompt in zip(out["generation"], out["finish_reason"], out["prompt"]):
+            calls.append(responses.parse_tool_calls(text, spec.input.tools, tokenizer,
+                                                    prefix=prompt or "")
+                         if reason != "error" and text is not None else (None, None))
+        out["tool_calls"] = [c for c, _ in calls]
+    if parses(spec):
+        for j, (text, reason) in enumerate(zip(out["generation"], out["finish_reason"])):
+            parsed, why = _parsed(spec, text, reason, truncated[j])
+            if why is None and spec.input.tools and calls[j][1] is not None:
+                parsed, why = None, calls[j][1]
             out["parsed"].append(parsed)
             out["parse_error"].append(why)
     return out, take
+
+
+_JSON_KINDS = ("json_schema", "json_object", "json_schema_column", "tool_call")
+
+
+def _parsed(spec: JobSpec, text: str | None, reason: str, truncated: bool
+            ) -> tuple[str | None, str | None]:
+    """(parsed, parse_error) of one output row."""
+    if reason == "error" or text is None:
+        return None, "no generation"
+    s = spec.generation.structured
+    if truncated:
+        return None, (f"truncated: generation.max_new_tokens ({spec.generation.max_new_tokens}) "
+                      "ran out before the output was complete under generation.structured")
+    if spec.output.parse == "json" or (s is not None and any(getattr(s, k) for k in _JSON_KINDS)):
+        return postprocess.parse_generation(text, spec.output.json_schema)
+    if s is not None:  # regex, choice, grammar: the text itself, complete
+        return text, None
+    return None, None  # tools only: the calls are the parsed output
 
 
 def with_input_columns(table: pa.Table, keep: tuple[str, ...], take: list[int], out: dict,

@@ -23,11 +23,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batchgen import layout, longdocs, prompts
-from batchgen.engine import Engine, PromptTooLong, Request, load_engine
+from batchgen.engine import Engine, PromptTooLong, Request, ScoreRequest, load_engine
 from batchgen.errors import ShardError
 from batchgen.modelcache import local_model
 from batchgen.plan import Shard, input_options, output_storage
-from batchgen.rows import (assemble, output_fields, row_dicts, row_seed, verify_one_to_one,
+from batchgen.rows import (assemble, assemble_scores, output_fields, row_dicts, row_seed, verify_one_to_one,
                            with_input_columns)
 from batchgen.spec import JobSpec
 from batchgen.storage import read_rows
@@ -95,7 +95,7 @@ class ShardWorker:
             engine.set_prefix(job_prefix(spec, engine))
         self.output = output_storage(spec)
         self.in_options = input_options(spec)
-        self.columns = prompts.needed_columns(spec.input)
+        self.columns = prompts.job_columns(spec)
 
     def run(self, shard: Shard, attempt: str | None = None, redo_errors: str | None = None) -> ShardResult:
         """Generate the shard and stage it. With ``redo_errors`` (the committed file of this
@@ -191,9 +191,17 @@ class ShardWorker:
             except PromptTooLong as e:
                 errors[k] = str(e)
 
-        # 4. Generate every (row, sample) that has a prompt, and every window of a long row.
+        if spec.mode == "score":
+            out, take = self._score(sub_rows, sub_ids, texts, errors, prompt_ids)
+            return with_input_columns(table, spec.input.columns, [which[k] for k in take], out,
+                                      output_fields(spec)), None
+
+        # 4. Generate every (row, sample) that has a prompt, and every window of a long row;
+        # each row under its constraint (generation.structured), if any.
+        constraints = self._constraints(sub_rows, errors, prompt_ids)
         keys = [(k, s) for k in sorted(prompt_ids) for s in range(n)]
-        requests = [Request(prompt_ids[k], row_seed(seed, sub_ids[k], s)) for k, s in keys]
+        requests = [Request(prompt_ids[k], row_seed(seed, sub_ids[k], s), constraints.get(k))
+                    for k, s in keys]
         windows, doc_tokens = longdocs.chunk_windows(spec, engine, sub_rows, sub_ids, long_rows,
                                                      errors)
         completions = engine.generate(requests + [w.request for w in windows])
@@ -205,18 +213,63 @@ class ShardWorker:
             # 4b. Reduce: one prompt per long row over its window summaries, in order.
             ready, n_windows = longdocs.reduce_prompts(spec, engine, sub_rows, long_rows, windows,
                                                        texts, errors, prompt_ids)
-            reduced = engine.generate([Request(prompt_ids[k], row_seed(seed, sub_ids[k], 0))
-                                       for k in ready])
+            reduced = engine.generate([Request(prompt_ids[k], row_seed(seed, sub_ids[k], 0),
+                                               constraints.get(k)) for k in ready])
             done.update({(k, 0): c for k, c in zip(ready, reduced)})
             counts = longdocs.document_tokens(engine, sub_rows, spec.input.chunk_column, doc_tokens)
             chunk_counts = {k: (counts[k], n_windows.get(k, 0)) for k in range(len(which))}
 
         # 5. Exactly one output row per (input row, sample index); then dedupe and parse.
         out, take = assemble(spec, sub_ids, texts, errors,
-                             {k: len(ids) for k, ids in prompt_ids.items()}, done, chunk_counts)
+                             {k: len(ids) for k, ids in prompt_ids.items()}, done, chunk_counts,
+                             tokenizer=engine.tokenizer)
         chunks = longdocs.windows_table(windows) if chunking else None
         return with_input_columns(table, spec.input.columns, [which[k] for k in take], out,
                                   output_fields(spec)), chunks
+
+    def _constraints(self, rows, errors, prompt_ids) -> dict[int, Any]:
+        """Each row's constraint (generation.structured); a row whose own schema is invalid
+        becomes an error row (its prompt is dropped) and the shard goes on."""
+        structured = self.spec.generation.structured
+        if structured is None:
+            return {}
+        from batchgen.structured import ConstraintError, constraint_for
+
+        out = {}
+        for k in sorted(prompt_ids):
+            try:
+                out[k] = constraint_for(structured, self.spec.input.tools, rows[k])
+            except ConstraintError as e:
+                errors[k] = str(e)
+                del prompt_ids[k]
+        return out
+
+    def _score(self, rows, row_ids, texts, errors, prompt_ids):
+        """mode: score: each row's completion column scored under its prompt."""
+        spec, engine = self.spec, self.engine
+        column = spec.input.completion_column
+        limit = spec.generation.max_new_tokens
+        completions: list[str | None] = [None] * len(rows)
+        items: dict[int, tuple[int, ...]] = {}
+        for k in sorted(prompt_ids):
+            text = rows[k].get(column)
+            if not isinstance(text, str) or not text:
+                errors[k] = (f"completion column {column!r} is "
+                             f"{'null' if text is None else 'empty' if text == '' else type(text).__name__ + ', not text'}")
+                continue
+            completions[k] = text
+            ids = tuple(engine.tokenize_continuation([text])[0])
+            if len(ids) > limit:
+                errors[k] = (f"completion has {len(ids)} tokens, more than "
+                             f"generation.max_new_tokens={limit} (the room scoring keeps after "
+                             "the prompt); raise it")
+                continue
+            items[k] = ids
+        order = sorted(items)
+        scores = engine.score([ScoreRequest(prompt_ids[k], items[k]) for k in order])
+        return assemble_scores(spec, row_ids, texts, errors,
+                               {k: len(ids) for k, ids in prompt_ids.items()}, completions,
+                               dict(zip(order, scores)))
 
     def _redo_errors(self, shard, committed_rel, table, rows, bad, row_ids):
         committed = self._read(committed_rel)

@@ -418,3 +418,14 @@ def test_sliding_window_models_on_the_hf_path_match_generate():
         ref = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                              max_new_tokens=10, min_new_tokens=10, pad_token_id=0)
         assert c.token_ids == ref[0, len(p):].tolist()
+
+
+def test_a_new_generation_spec_takes_its_eos_setting_with_it(engine):
+    """Bug (found by the structured tests): ``engine.gen = ...`` kept the EOS ids of the spec
+    the engine was made with, so ignore_eos set later was ignored (and the reverse)."""
+    with_gen(engine, max_new_tokens=12, ignore_eos=True)
+    assert engine.eos_ids == set()
+    done = engine.generate(requests(engine, ["<|user|>\nHi<|end|>\n<|assistant|>\n"]))
+    assert done[0].generated_tokens == 12 and done[0].finish_reason == "length"
+    with_gen(engine, max_new_tokens=12)
+    assert engine.eos_ids
