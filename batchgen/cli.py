@@ -399,8 +399,14 @@ def show(output, rows, endpoint_url):
 
     for r in head_rows(output, rows, endpoint_url):
         text = (r["generation"] if r["error"] is None else f"ERROR: {r['error']}") or ""
+        extra = ""
+        if r["error"] is None and r.get("completion_logprob") is not None:  # mode: score
+            text = r["completion"]
+            extra = f" logprob {r['completion_logprob']:.3f}, perplexity {r['perplexity']:.3g}"
+        elif r.get("tool_calls"):
+            extra = " calls " + ", ".join(f"{c['name']}({c['arguments']})" for c in r["tool_calls"])
         click.echo(f"{_printable(str(r['row_id']))}#{r['sample_index']} "
-                   f"[{_printable(str(r['finish_reason']))}] {text!r}")
+                   f"[{_printable(str(r['finish_reason']))}] {text!r}{_printable(extra)}")
 
 
 @main.command("init-model")

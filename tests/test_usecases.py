@@ -1,11 +1,13 @@
-"""The two jobs users come for, end to end from jobs/: synthetic Q&A (JSON output, n=4, on S3)
-and corpus summarization (long documents chunked, then reduced), plus what reads their output."""
+"""The jobs users come for, end to end from jobs/: synthetic Q&A (JSON constrained to its schema,
+n=4, on S3), corpus summarization (long documents chunked, then reduced), function-calling data
+(conversations + tools) and answers ranked by score (on S3), plus what reads their output."""
 
 from __future__ import annotations
 
 import json
 from collections import Counter
 
+import jsonschema
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
@@ -62,21 +64,73 @@ def test_synthetic_qa_job_on_s3(ray_local, tiny_model, s3_endpoint, s3_bucket, m
         texts = [r["generation"] for r in rows if r["row_id"] == rid]
         assert len(set(texts)) == count  # no exact duplicates left within a row
 
-    # JSON: every row kept; parsed or a parse error, never both; counts agree with the manifest.
+    # JSON under generation.structured: every row parses and satisfies the schema, on the tiny
+    # model too; the counts agree with the manifest.
     parsed = [r for r in rows if r["parsed"] is not None]
     failed = [r for r in rows if r["parse_error"] is not None]
-    assert len(parsed) + len(failed) == len(rows)
-    assert manifest["parsed"] == len(parsed) and manifest["parse_errors"] == len(failed)
+    assert failed == [] and len(parsed) == len(rows) >= len(TOPICS) * 4 - 4
+    assert manifest["parsed"] == len(parsed) and manifest["parse_errors"] == 0
     for r in parsed:
         obj = json.loads(r["parsed"])
-        assert set(obj) >= {"question", "answer"} and json.dumps(obj, sort_keys=True,
-                                                                  separators=(",", ":")) == r["parsed"]
+        jsonschema.validate(obj, spec.generation.structured.json_schema)
+        assert json.dumps(obj, sort_keys=True, separators=(",", ":"),
+                          ensure_ascii=False) == r["parsed"]
+        assert json.loads(r["generation"]) == obj  # the whole generation is the object
     # Chat template with system prompt and the few-shot example, rendered per topic.
     first = next(r for r in rows if r["row_id"] == "q000")
     assert "<|system|>" in first["prompt"] and "Why does rain fall?" in first["prompt"]
     assert first["prompt"].rstrip().endswith("<|assistant|>")
     assert "beginner question about rivers" in first["prompt"]
     assert {r["topic"] for r in rows} == {t["topic"] for t in TOPICS}  # kept columns
+
+
+# -- Structured generation: tool calls, scores -------------------------------------------------
+
+
+@pytest.mark.ray
+def test_tool_calls_job(ray_local, tiny_model, tmp_path, monkeypatch):
+    """jobs/tool-calls.yaml: conversations + tools -> one valid call per row."""
+    spec = example_job("tool-calls.yaml", monkeypatch, **{
+        "model.path": tiny_model, "output.path": str(tmp_path / "calls")})
+    assert run_job(spec, live=False, log=quiet).state == "completed"
+    rows = pq.read_table(tmp_path / "calls" / "data").to_pylist()
+    tools = {t["function"]["name"]: t["function"]["parameters"] for t in spec.input.tools}
+    assert len(rows) == 16
+    for r in rows:
+        assert r["finish_reason"] == "stop" and r["parse_error"] is None, r["generation"]
+        [call] = r["tool_calls"]
+        jsonschema.validate(json.loads(call["arguments"]), tools[call["name"]])
+        assert "search_books" in r["prompt"]  # the chat template showed the tools
+    multi = next(r for r in rows if len(r["messages"]) == 3)
+    assert "Hello! How can I help?" in multi["prompt"]
+
+
+@pytest.mark.ray
+@pytest.mark.s3
+def test_scoring_job_on_s3_ranks_the_fluent_answer_first(ray_local, tiny_model, s3_endpoint,
+                                                          s3_bucket, monkeypatch):
+    """jobs/score-answers.yaml on the S3 server: every candidate scored; the answer written in
+    the tiny model's own style ranks first for every question."""
+    import fsspec
+
+    out = f"{s3_bucket}/scores"
+    spec = example_job("score-answers.yaml", monkeypatch, **{
+        "model.path": tiny_model, "output.path": out, "storage.endpoint_url": s3_endpoint})
+    assert run_job(spec, live=False, log=quiet).state == "completed"
+    fs, root = fsspec.core.url_to_fs(out, **storage_options(out, s3_endpoint))
+    rows = []
+    for path in sorted(fs.ls(f"{root}/data", detail=False)):
+        with fs.open(path, "rb") as f:
+            rows += pq.ParquetFile(f).read().to_pylist()
+    assert len(rows) == 24 and all(r["finish_reason"] == "scored" for r in rows)
+    by_question: dict = {}
+    for r in rows:
+        assert len(r["logprobs"]) == r["completion_tokens"] > 0
+        assert r["completion_logprob"] == pytest.approx(sum(t["logprob"] for t in r["logprobs"]))
+        by_question.setdefault(r["question_id"], []).append(r)
+    for answers in by_question.values():
+        best = max(answers, key=lambda r: r["completion_logprob"])
+        assert best["kind"] == "fluent"
 
 
 def test_json_parsing_and_schema():

@@ -50,6 +50,40 @@ def corpus() -> pa.Table:
     return pa.Table.from_pylist(docs)
 
 
+CITIES = ["Paris", "Lima", "Oslo", "Cairo", "Tokyo", "Quito", "Perth", "Dakar"]
+
+
+def tool_requests() -> list[dict]:
+    """Conversations for the function-calling job: one request each, some after a first
+    exchange (multi-turn), as chat datasets ship them."""
+    rows = []
+    for i, city in enumerate(CITIES * 2):
+        ask = [f"What will the weather be in {city} for the next {2 + i % 5} days?",
+               f"What time is it in {city} right now?",
+               f"Find me two books about {TOPICS[i]}."][i % 3]
+        messages = [{"role": "user", "content": ask}]
+        if i % 4 == 3:
+            messages = [{"role": "user", "content": "Hello!"},
+                        {"role": "assistant", "content": "Hello! How can I help?"}] + messages
+        rows.append({"request_id": f"c{i:03d}", "messages": messages})
+    return rows
+
+
+def candidate_answers() -> list[dict]:
+    """Candidate answers to rank by log-likelihood: per question one answer in the style the
+    tiny model was trained on, and others that are not."""
+    rows = []
+    for i, topic in enumerate(TOPICS[:8]):
+        candidates = [("fluent", "The cat sees a red apple today."),
+                      ("odd", "Apple red a sees cat the today."),
+                      ("off-topic", f"{topic.capitalize()} {topic} {topic} 42 %% ##.")]
+        for j, (kind, text) in enumerate(candidates):
+            rows.append({"question_id": f"s{i:03d}", "candidate_id": f"s{i:03d}-{j}",
+                         "question": f"Write one sentence about {topic}.", "kind": kind,
+                         "answer": text})
+    return rows
+
+
 if __name__ == "__main__":
     here = Path(__file__).parent
     # Small row groups so shards and row-group reads are exercised even on this tiny input.
@@ -57,5 +91,10 @@ if __name__ == "__main__":
     with open(here / "qa-topics.jsonl", "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in qa_topics())
     pq.write_table(corpus(), here / "corpus.parquet", row_group_size=8)
-    for name in ("demo-prompts.parquet", "qa-topics.jsonl", "corpus.parquet"):
+    for name, rows in (("tool-requests.jsonl", tool_requests()),
+                       ("candidates.jsonl", candidate_answers())):
+        with open(here / name, "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+    for name in ("demo-prompts.parquet", "qa-topics.jsonl", "corpus.parquet",
+                 "tool-requests.jsonl", "candidates.jsonl"):
         print(f"wrote {here / name}")
