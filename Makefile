@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: install demo demo-synthetic demo-summarize tiny-model test test-fast bench clean \
+.PHONY: install demo demo-synthetic demo-summarize demo-tools demo-score tiny-model test test-fast bench clean \
 	cluster-up cluster-status cluster-down
 
 install: $(STAMP)
@@ -40,6 +40,18 @@ demo-summarize: tiny-model
 	rm -rf .demo/summaries
 	$(BIN)/batchgen run jobs/summarize-corpus.yaml
 	$(BIN)/batchgen show .demo/summaries -n 4
+
+# Structured generation: function-calling data (messages + tools -> valid tool calls), and
+# candidate answers ranked by log-likelihood (mode: score).
+demo-tools: tiny-model
+	rm -rf .demo/tool-calls
+	$(BIN)/batchgen run jobs/tool-calls.yaml
+	$(BIN)/batchgen show .demo/tool-calls -n 4
+
+demo-score: tiny-model
+	rm -rf .demo/scores
+	$(BIN)/batchgen run jobs/score-answers.yaml
+	$(BIN)/python jobs/rank_answers.py .demo/scores
 
 # The whole suite; CI runs this. --durations names the slowest tests in every CI log.
 test: install
