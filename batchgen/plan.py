@@ -180,8 +180,18 @@ def fingerprint_parts(spec: JobSpec, files: tuple[InputFile, ...]) -> dict[str, 
         "generation": _digest(section("generation") | (
             {"mode": spec.mode} if spec.mode != "generate" else {})),
         "output": _digest(section("output")),
-        "engine": str(ENGINE_VERSION),
+        "engine": engine_part(spec),
     }
+
+
+def engine_part(spec: JobSpec) -> str:
+    """The engine's version, and with generation.structured the grammar engine's: another
+    llguidance may mask differently, so constrained text from two of them is never mixed."""
+    if spec.generation.structured is None:
+        return str(ENGINE_VERSION)
+    from importlib.metadata import version
+
+    return f"{ENGINE_VERSION}+llguidance-{version('llguidance')}"
 
 
 def _legacy_parts(spec: JobSpec, files: tuple[InputFile, ...]) -> dict[str, str]:

@@ -125,8 +125,9 @@ def _plan_or_resume(spec: JobSpec, as_given: JobSpec, out: Storage, force: bool,
     changed = [k for k, v in parts.items() if old.fingerprint_parts.get(k) != v]
     if old.fingerprint_version < 3:  # before the engine was a part: engine version 1
         changed.append("engine")
-    engine = ("; the engine's version changed, so sampled text from this batchgen differs "
-              "from the committed shards'" if "engine" in changed else "")
+    engine = ("; the engine's version (or, with generation.structured, llguidance's) changed, "
+              "so sampled text from this batchgen differs from the committed shards'"
+              if "engine" in changed else "")
     if not force:
         raise StorageError(
             f"output.path {spec.output.path} holds a different job (changed: "

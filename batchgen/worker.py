@@ -81,6 +81,10 @@ def engine_record(engine: Any) -> dict[str, Any]:
         record["why"] = engine.path_reason
     if getattr(engine, "prefix", ()):
         record["prefix_tokens"] = len(engine.prefix)
+    if getattr(engine, "grammars", None) is not None:
+        from importlib.metadata import version
+
+        record["grammar"] = f"llguidance {version('llguidance')}"
     return record
 
 

@@ -265,7 +265,7 @@ def test_a_plan_of_an_earlier_engine_resumes_only_with_force(tmp_path, prompts_d
     old["fingerprint"] = _digest(old["fingerprint_parts"])
     out.write_json(layout.PLAN, old)
     with JobLock(out) as lock, pytest.raises(BatchgenError, match=r"changed: engine; the "
-                                             r"engine's version changed.*--force"):
+                                             r"engine's version .*changed.*--force"):
         prepare(spec, spec, out, lock, force=False, retry_failed=False, say=quiet)
     with JobLock(out) as lock:
         job = prepare(spec, spec, out, lock, force=True, retry_failed=False, say=quiet)

@@ -123,7 +123,7 @@ def _parts_changed(base_raw: dict, **sections) -> list[str]:
     ({"output": {"parse": "json", "json_schema": {"type": "object"}}}, "output"),
     ({"model": {"trust_remote_code": True}}, "model"),
     ({"generation": {"dedupe": True}}, "generation"),
-    ({"generation": {"structured": {"json": True}}}, "generation"),
+    ({"generation": {"structured": {"json": True}}}, ("engine", "generation")),  # + llguidance
     ({"generation": {"logprobs": 2}}, "generation"),
     ({"generation": {"reasoning_end": "</think>"}}, "generation"),
     ({"input": {"chat": True, "chat_template_kwargs": {"enable_thinking": False}}}, "prompt"),
@@ -131,7 +131,7 @@ def _parts_changed(base_raw: dict, **sections) -> list[str]:
 ])
 def test_every_setting_that_changes_outputs_changes_the_fingerprint(prompts_dir, sections, part):
     base = spec_dict(str(prompts_dir), "/unused", "m")
-    assert _parts_changed(base, **sections) == [part]
+    assert _parts_changed(base, **sections) == (list(part) if isinstance(part, tuple) else [part])
 
 
 def test_settings_that_do_not_change_outputs_keep_the_fingerprint(prompts_dir):
@@ -189,6 +189,18 @@ def test_keys_added_after_version_3_leave_the_fingerprint_of_jobs_that_do_not_us
         doc = getattr(spec, name).model_dump(mode="json")
         v3 = {k: v for k, v in doc.items() if k not in LATER_KEYS[name] and k != "path"}
         assert parts[part] == _digest(v3)
+
+
+def test_a_constrained_job_names_the_grammar_engine_in_its_engine_part(prompts_dir):
+    """Another llguidance may mask differently: its version is part of a constrained job's
+    fingerprint (and only of those)."""
+    from importlib.metadata import version
+
+    base = spec_dict(str(prompts_dir), "/unused", "m")
+    plain = make_plan(parse_spec(base)).fingerprint_parts["engine"]
+    base["generation"]["structured"] = {"json": True}
+    constrained = make_plan(parse_spec(base)).fingerprint_parts["engine"]
+    assert plain == "2" and constrained == f"2+llguidance-{version('llguidance')}"
 
 
 def test_scoring_changes_the_generation_part(prompts_dir):
