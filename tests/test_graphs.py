@@ -9,6 +9,7 @@ decoder's graphed step (one key length per step, rows in buckets) runs on the ti
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -129,3 +130,30 @@ def test_graphed_decode_steps_give_the_eager_tokens(tiny, sampling):
 
 def test_graph_rows_buckets():
     assert [graph_rows(n) for n in (1, 4, 5, 8, 9, 16, 17, 250)] == [4, 4, 8, 8, 16, 16, 32, 256]
+
+
+def test_graphed_steps_with_constraints_and_logprobs_give_the_eager_outputs(tiny):
+    """The constraint's bitmask is one more graph input, the logprobs more graph outputs: the
+    graphed step gives the eager tokens and logprobs (constrained rows next to unconstrained
+    ones, whose bitmask allows every token)."""
+    from batchgen.spec import StructuredSpec
+    from batchgen.structured import constraint_for
+
+    model, tok = tiny
+    schema = {"type": "object", "required": ["a"], "additionalProperties": False,
+              "properties": {"a": {"type": "string", "maxLength": 12}}}
+    constraint = constraint_for(StructuredSpec(json_schema=schema))
+    texts = ["The cat", "Write one sentence about tea.", "A robot builds a quiet garden. " * 3]
+    requests = [Request(tuple(ids), 3 + i, constraint if i % 2 == 0 else None)
+                for i, ids in enumerate(tok(texts * 2)["input_ids"])]
+    gen = GenerationSpec(max_new_tokens=24, temperature=0.8, logprobs=2)
+    eager = Engine(model, tok, gen, max_input_tokens=None, batch_size=6).generate(requests)
+    graphed = Engine(model, tok, gen, max_input_tokens=None, batch_size=6)
+    graphed.graph_factory = ReplayByCall
+    ReplayByCall.made = []
+    got = graphed.generate(requests)
+    assert [c.token_ids for c in got] == [c.token_ids for c in eager]
+    assert [c.logprobs for c in got] == [c.logprobs for c in eager]
+    assert graphed.graphs.replays > 0 and {True} <= {key[2] for key in graphed.graphs.graphs}
+    for i in (0, 2, 4):
+        assert got[i].truncated or json.loads(got[i].text).keys() == {"a"}
