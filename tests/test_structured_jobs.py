@@ -301,3 +301,14 @@ def test_a_grammar_that_never_ends_is_bounded_by_max_new_tokens(engine):
     [c] = generate(engine, ["The cat"], {"regex": "(ab)+"}, max_new_tokens=12)
     assert c.finish_reason in ("length", "stop") and c.generated_tokens <= 12
     assert re.fullmatch("(ab)+", c.text)
+
+
+def test_a_structured_spec_survives_job_json(tmp_path):
+    """job.json holds model_dump(mode="json"); resume parses it back: `json` (a pydantic name
+    clash, stored as json_object) must come back as the same spec."""
+    raw = spec_dict(str(tmp_path / "in.parquet"), str(tmp_path / "out"), "m",
+                    generation={"structured": {"json": True}, "logprobs": 2})
+    spec = parse_spec(raw)
+    dumped = spec.model_dump(mode="json")
+    assert dumped["generation"]["structured"]["json"] is True
+    assert parse_spec(json.loads(json.dumps(dumped))) == spec
