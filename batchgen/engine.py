@@ -66,7 +66,7 @@ class Completion:
     token_ids: list[int] = field(default_factory=list, repr=False)
     error: str | None = None
     logprobs: list[TokenLogprob] | None = field(default=None, repr=False)  # generation.logprobs
-    truncated: bool = False  # constrained, and cut by max_new_tokens before it was complete
+    truncated: bool = False  # constrained, and ended before it was complete (max_new_tokens)
 
     @property
     def cumulative_logprob(self) -> float | None:
@@ -170,6 +170,9 @@ class EchoEngine:
         lps = None if self.gen.logprobs is None else [TokenLogprob(0, self.TEXT, 0.0)]
         return [Completion(self.TEXT, "stop", 1, [0], logprobs=lps) for _ in requests]
 
+    def compile(self, constraint) -> None:
+        """No tokenizer, nothing to compile: constraints are ignored."""
+
     def score(self, requests: list[ScoreRequest]) -> list[Score]:
         """Every completion token gets logprob 0 (no model)."""
         return [Score([TokenLogprob(t, "", 0.0) for t in r.completion_ids]) for r in requests]
@@ -259,20 +262,31 @@ class Engine:
         """The compiled constraints of this replica (``structured.Grammars``), or None."""
         return self._grammars
 
+    def compile(self, constraint) -> None:
+        """Compile a constraint for this replica's tokenizer now (cached); raises
+        structured.ConstraintError if it cannot serve it."""
+        self._grammar_set().compile(constraint)
+
+    def _grammar_set(self):
+        if self._grammars is None:
+            from batchgen.structured import Grammars
+
+            self._grammars = Grammars(self.tokenizer, self.model.get_output_embeddings().weight
+                                      .shape[0], self.tokenizer.eos_token_id)
+        return self._grammars
+
     def _matchers(self, requests: list[Request]):
         """One constraint matcher per request of a run, or None when none is constrained."""
         if all(r.constraint is None for r in requests):
             return None
-        from batchgen.structured import Grammars, Matchers
+        from batchgen.structured import Matchers
 
-        if self._grammars is None:
-            self._grammars = Grammars(self.tokenizer, self.model.get_output_embeddings().weight
-                                      .shape[0], self.tokenizer.eos_token_id)
         gate = ()
         if self.gen.reasoning_end:
             gate = tuple(self.tokenizer(self.gen.reasoning_end, add_special_tokens=False)
                          ["input_ids"])
-        return Matchers(self._grammars, [r.constraint for r in requests], gate)
+        return Matchers(self._grammar_set(), [r.constraint for r in requests], gate,
+                        [r.prompt_ids for r in requests])
 
     @property
     def graphs(self):
@@ -431,7 +445,7 @@ class Engine:
         completions = [self._finish(ids, reason, lps) for ids, reason, lps in results]
         if matchers is not None:
             for i, c in enumerate(completions):
-                c.truncated = c.finish_reason == "length" and matchers.truncated(i)
+                c.truncated = matchers.truncated(i)
         s.batches += 1
         s.prompt_tokens += sum(len(r.prompt_ids) for r in requests)
         s.generated_tokens += sum(c.generated_tokens for c in completions)

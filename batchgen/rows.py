@@ -259,9 +259,13 @@ def _parsed(spec: JobSpec, text: str | None, reason: str, truncated: bool
     if reason == "error" or text is None:
         return None, "no generation"
     s = spec.generation.structured
-    if truncated:
+    if truncated and reason == "length":
         return None, (f"truncated: generation.max_new_tokens ({spec.generation.max_new_tokens}) "
                       "ran out before the output was complete under generation.structured")
+    if truncated:  # ended before the constraint started (a thinking that never ended)
+        return None, ("incomplete: the generation ended before its output was complete under "
+                      "generation.structured" + (f" (did it write {spec.generation.reasoning_end!r}?)"
+                                                 if spec.generation.reasoning_end else ""))
     if spec.output.parse == "json" or (s is not None and any(getattr(s, k) for k in _JSON_KINDS)):
         return postprocess.parse_generation(text, spec.output.json_schema)
     if s is not None:  # regex, choice, grammar: the text itself, complete

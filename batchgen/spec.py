@@ -12,13 +12,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-# Columns every output row has (see the README's output layout); input.columns may not reuse them.
+# Columns every output row has, and those some jobs add (see the README's output layout);
+# input.columns may not reuse the first group, nor those of the second that its job writes
+# (``JobSpec.optional_columns``).
 OUTPUT_COLUMNS = (
     "row_id", "sample_index", "prompt", "generation", "finish_reason",
     "prompt_tokens", "generated_tokens", "error", "seed",
     "parsed", "parse_error", "document_tokens", "chunks",
-    "logprobs", "cumulative_logprob", "completion", "completion_tokens", "completion_logprob",
-    "perplexity", "tool_calls", "reasoning",
 )
 MAX_LOGPROBS = 20  # top alternatives per token at most (OpenAI's top_logprobs limit too)
 
@@ -357,6 +357,9 @@ class GenerationSpec(_Section):
         if self.structured is not None and self.ignore_eos:
             raise ValueError("structured needs ignore_eos: false: a finished constraint allows "
                              "only the end-of-sequence token")
+        if self.structured is not None and self.stop:
+            raise ValueError("structured takes no stop strings: a stop string would cut the "
+                             "output its constraint shapes (the constraint ends it already)")
         if self.reasoning_end is not None and not self.reasoning_end.strip():
             raise ValueError("reasoning_end must not be empty")
         return self
@@ -493,9 +496,39 @@ class JobSpec(_Section):
         elif i.completion_column is not None:
             raise ValueError("input.completion_column needs mode: score")
         s = g.structured
-        if s is not None and s.tool_call and not i.tools:
-            raise ValueError("generation.structured.tool_call needs input.tools")
+        if s is not None and s.tool_call:
+            if not i.tools:
+                raise ValueError("generation.structured.tool_call needs input.tools")
+            from batchgen.structured import ConstraintError, constraint_for
+
+            try:
+                constraint_for(s, i.tools)
+            except ConstraintError as e:
+                raise ValueError(f"generation.structured.{e} (input.tools)") from None
+        clash = [c for c in i.columns if c in self.optional_columns()]
+        if clash:
+            raise ValueError(f"input.columns {clash} clash with output columns this job writes; "
+                             "rename them in the input")
         return self
+
+    def optional_columns(self) -> list[str]:
+        """The output columns this job adds to the nine every row has."""
+        g, i, o = self.generation, self.input, self.output
+        if self.mode == "score":
+            return ["completion", "completion_tokens", "completion_logprob", "perplexity"] + (
+                ["logprobs"] if g.logprobs is not None else [])
+        cols = []
+        if o.parse == "json" or g.structured is not None or i.tools:
+            cols += ["parsed", "parse_error"]
+        if i.long_documents == "chunk":
+            cols += ["document_tokens", "chunks"]
+        if g.logprobs is not None:
+            cols += ["logprobs", "cumulative_logprob"]
+        if i.tools:
+            cols.append("tool_calls")
+        if g.reasoning_end is not None:
+            cols.append("reasoning")
+        return cols
 
     @model_validator(mode="after")
     def _context_fits(self) -> JobSpec:

@@ -95,9 +95,11 @@ def _compiled(kind: str, text: str, where: str) -> Constraint | str:
         schema = json.loads(text)
         try:
             validators.validator_for(schema).check_schema(schema)
+            grammar = LLMatcher.grammar_from_json_schema(text, defaults=JSON_OPTIONS)
         except SchemaError as e:
             return f"{where}: not a valid JSON Schema: {e.message}"
-        grammar = LLMatcher.grammar_from_json_schema(text, defaults=JSON_OPTIONS)
+        except (TypeError, ValueError) as e:  # NaN bounds and the like, refused by llguidance
+            return f"{where}: JSON Schema not supported for constrained decoding: {_one_line(str(e))}"
         what = "JSON Schema not supported for constrained decoding"
     elif kind == "regex":
         grammar, what = LLMatcher.grammar_from_regex(text), "invalid regular expression"
@@ -155,6 +157,10 @@ def _row_schema(column: str, row: dict | None) -> dict[str, Any]:
             raise ConstraintError(f"{where}: not JSON ({e}); expected the row's JSON Schema") from None
     else:
         value = _dropped_nulls(value)
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise ConstraintError(f"{where}: not a valid JSON Schema: {e}") from None
     if not isinstance(value, dict):
         raise ConstraintError(f"{where}: not a valid JSON Schema: expected a mapping, got "
                               f"{type(value).__name__}")
@@ -235,9 +241,19 @@ class Grammars:
             self._compiled.popitem(last=False)
         return template
 
-    def matcher(self, constraint: Constraint, gate: tuple[int, ...] = ()) -> RowMatcher:
-        """A fresh matcher for one row; with ``gate``, inactive until the row's tokens end with it."""
-        return RowMatcher(self._template(constraint), tuple(gate), self.words)
+    def compile(self, constraint: Constraint) -> None:
+        """Compile ``constraint`` now (cached); raises ConstraintError if this tokenizer cannot
+        serve it (a grammar naming a token the vocabulary lacks)."""
+        self._template(constraint)
+
+    def matcher(self, constraint: Constraint, gate: tuple[int, ...] = (),
+                prompt: tuple[int, ...] = ()) -> RowMatcher:
+        """A fresh matcher for one row; with ``gate``, inactive until the row's tokens end with
+        it, or active at once if ``prompt`` (the row's prompt tokens) already ends with it."""
+        gate = tuple(gate)
+        if gate and tuple(prompt[-len(gate):]) == gate:
+            gate = ()
+        return RowMatcher(self._template(constraint), gate, self.words)
 
 
 class RowMatcher:
@@ -291,11 +307,13 @@ class Matchers:
     """One decoder run's matchers, by request index (None where a request is unconstrained)."""
 
     def __init__(self, grammars: Grammars | None, constraints: list[Constraint | None],
-                 gate: tuple[int, ...] = ()):
+                 gate: tuple[int, ...] = (), prompts: list[tuple[int, ...]] | None = None):
         if grammars is None and any(c is not None for c in constraints):
             raise ValueError("constrained requests need a Grammars (the replica's tokenizer)")
         self.grammars = grammars
-        self.rows = [None if c is None else grammars.matcher(c, gate) for c in constraints]
+        prompts = prompts or [()] * len(constraints)
+        self.rows = [None if c is None else grammars.matcher(c, gate, p)
+                     for c, p in zip(constraints, prompts)]
         self.active = any(r is not None for r in self.rows)
 
     def bitmask(self, indices: list[int | None], device) -> torch.Tensor:
@@ -324,7 +342,8 @@ class Matchers:
             row.advance(token)
 
     def truncated(self, index: int) -> bool:
-        """Constrained and not complete (e.g. max_new_tokens hit mid-object)."""
+        """Constrained and not complete (max_new_tokens hit mid-object; a reasoning model that
+        never ended its thinking)."""
         row = self.rows[index]
         return row is not None and not row.accepting
 

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from batchgen import layout, longdocs, prompts
 from batchgen.engine import Engine, PromptTooLong, Request, ScoreRequest, load_engine
-from batchgen.errors import ShardError
+from batchgen.errors import ShardError, SpecError
 from batchgen.modelcache import local_model
 from batchgen.plan import Shard, input_options, output_storage
 from batchgen.rows import (assemble, assemble_scores, output_fields, row_dicts, row_seed, verify_one_to_one,
@@ -97,6 +97,7 @@ class ShardWorker:
         self.engine = engine
         if hasattr(engine, "set_prefix"):
             engine.set_prefix(job_prefix(spec, engine))
+        self._check_constraint()
         self.output = output_storage(spec)
         self.in_options = input_options(spec)
         self.columns = prompts.job_columns(spec)
@@ -176,6 +177,9 @@ class ShardWorker:
         texts, errors = prompts.render_prompts(spec, sub_rows, {
             k: bad[i] for k, i in enumerate(which) if i in bad}, engine.tokenizer)
 
+        # 2b. Each row's constraint (generation.structured); a bad per-row schema fails its row.
+        constraints = self._constraints(sub_rows, errors)
+
         # 3. Tokenize once per row (a very long row only in part), fit to the context; samples
         # share the tokens. With chunking, a row too long for the budget is summarized window by
         # window instead.
@@ -201,8 +205,7 @@ class ShardWorker:
                                       output_fields(spec)), None
 
         # 4. Generate every (row, sample) that has a prompt, and every window of a long row;
-        # each row under its constraint (generation.structured), if any.
-        constraints = self._constraints(sub_rows, errors, prompt_ids)
+        # each row under its constraint, if any (the windows are free, the reduce step is not).
         keys = [(k, s) for k in sorted(prompt_ids) for s in range(n)]
         requests = [Request(prompt_ids[k], row_seed(seed, sub_ids[k], s), constraints.get(k))
                     for k, s in keys]
@@ -231,22 +234,39 @@ class ShardWorker:
         return with_input_columns(table, spec.input.columns, [which[k] for k in take], out,
                                   output_fields(spec)), chunks
 
-    def _constraints(self, rows, errors, prompt_ids) -> dict[int, Any]:
-        """Each row's constraint (generation.structured); a row whose own schema is invalid
-        becomes an error row (its prompt is dropped) and the shard goes on."""
+    def _constraints(self, rows, errors) -> dict[int, Any]:
+        """Each row's constraint (generation.structured), compiled for this replica's tokenizer;
+        a row whose own schema is invalid, or cannot be compiled, becomes an error row and the
+        shard goes on."""
         structured = self.spec.generation.structured
         if structured is None:
             return {}
         from batchgen.structured import ConstraintError, constraint_for
 
         out = {}
-        for k in sorted(prompt_ids):
+        for k, row in enumerate(rows):
+            if errors[k] is not None:
+                continue
             try:
-                out[k] = constraint_for(structured, self.spec.input.tools, rows[k])
+                out[k] = constraint_for(structured, self.spec.input.tools, row)
+                self.engine.compile(out[k])
             except ConstraintError as e:
                 errors[k] = str(e)
-                del prompt_ids[k]
         return out
+
+    def _check_constraint(self) -> None:
+        """A constraint that is the same for every row is compiled once, when the replica
+        starts: one this tokenizer cannot serve (a grammar naming a token it lacks) fails the
+        job with the key, not every row."""
+        s = self.spec.generation.structured
+        if s is None or s.json_schema_column is not None:
+            return
+        from batchgen.structured import ConstraintError, constraint_for
+
+        try:
+            self.engine.compile(constraint_for(s, self.spec.input.tools))
+        except ConstraintError as e:
+            raise SpecError(f"generation.structured: {e} (with this model's tokenizer)") from None
 
     def _score(self, rows, row_ids, texts, errors, prompt_ids):
         """mode: score: each row's completion column scored under its prompt."""
@@ -263,6 +283,9 @@ class ShardWorker:
                 continue
             completions[k] = text
             ids = tuple(engine.tokenize_continuation([text])[0])
+            if not ids:
+                errors[k] = f"completion column {column!r} holds no tokens ({text!r})"
+                continue
             if len(ids) > limit:
                 errors[k] = (f"completion has {len(ids)} tokens, more than "
                              f"generation.max_new_tokens={limit} (the room scoring keeps after "

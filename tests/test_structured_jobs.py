@@ -133,10 +133,11 @@ def test_per_row_schemas_and_a_bad_one_is_that_rows_error(tmp_path, engine):
                                                    "maximum": 99}}}) for i in range(6)]
     schemas[2] = '{"type": "nope"}'
     schemas[4] = "not json"
-    result, rows = run_job(tmp_path, engine, table(6, schema=schemas), generation={
+    schemas.append('{"type": "number", "maximum": NaN}')  # llguidance refuses it: a row error
+    result, rows = run_job(tmp_path, engine, table(7, schema=schemas), generation={
         "max_new_tokens": 32, "structured": {"json_schema_column": "schema"}})
     by_id = {r["row_id"]: r for r in rows}
-    assert result.errors == 2
+    assert result.errors == 3 and "column 'schema'" in by_id["r6"]["error"]
     assert by_id["r2"]["finish_reason"] == "error" and "column 'schema'" in by_id["r2"]["error"]
     assert "column 'schema'" in by_id["r4"]["error"]
     for i in (0, 1, 3, 5):
@@ -275,15 +276,27 @@ def test_tool_calls_constrained_to_the_tools(tmp_path, engine):
     ({}, {"tools": [{"name": "f"}]}, "tools need chat"),
     ({}, {"chat": True, "chat_template_kwargs": {"tools": []}}, "batchgen sets these itself"),
     ({}, {"completion_column": "prompt"}, "completion_column needs mode: score"),
+    ({"structured": {"json": True}, "stop": ["\n"]}, {}, "structured takes no stop strings"),
+    ({"structured": {"tool_call": True}}, {"chat": True, "tools": [{"name": "f", "parameters": {
+        "type": "object", "not": {"required": ["a"]}}}]}, "generation.structured.tool_call: .*input.tools"),
+    ({"logprobs": 1}, {"columns": ["id", "logprobs"]}, "clash with output columns this job writes"),
 ], ids=["schema", "regex", "grammar", "two", "none", "empty-choice", "tool-call-no-tools",
         "logprobs-max", "logprobs-neg", "ignore-eos", "tool-schema", "tool-name", "tools-no-chat",
-        "kwargs-clash", "completion-no-score"])
+        "kwargs-clash", "completion-no-score", "stop", "tool-unsupported", "clash"])
 def test_bad_specs_fail_at_load_naming_the_key(tmp_path, generation, input_, message):
     raw = spec_dict(str(tmp_path / "in.parquet"), str(tmp_path / "out"), "m",
                     generation={"max_new_tokens": 8, **generation})
     raw["input"].update(input_)
     with pytest.raises(SpecError, match=message):
         parse_spec(raw)
+
+
+def test_columns_named_like_output_columns_other_jobs_write_are_kept(tmp_path):
+    """A job written before these columns existed, keeping an input column `completion` or
+    `reasoning`, still loads: only the columns its job writes clash."""
+    raw = spec_dict(str(tmp_path / "in.parquet"), str(tmp_path / "out"), "m")
+    raw["input"]["columns"] = ["id", "completion", "reasoning", "logprobs"]
+    assert parse_spec(raw).input.columns == ("id", "completion", "reasoning", "logprobs")
 
 
 def test_score_mode_needs_a_completion_column(tmp_path):
@@ -295,6 +308,65 @@ def test_score_mode_needs_a_completion_column(tmp_path):
     raw["generation"] = {"n": 2, "temperature": 1.0}
     with pytest.raises(SpecError, match="mode: score"):
         parse_spec(raw)
+
+
+def test_a_grammar_this_tokenizer_cannot_serve_fails_the_replica_with_the_key(tmp_path, engine):
+    """A grammar that names a special token the vocabulary lacks passes spec load (no
+    tokenizer there) and is refused when the replica starts, not row by row."""
+    src = tmp_path / "in.parquet"
+    pq.write_table(table(2), src)
+    spec = parse_spec(spec_dict(str(src), str(tmp_path / "out"), "m", generation={
+        "structured": {"grammar": 'start: "hi" <|nonexistent|>'}}))
+    engine.gen = spec.generation
+    with pytest.raises(SpecError, match="generation.structured: grammar: .*tokenizer"):
+        ShardWorker(spec, engine)
+
+
+def test_the_constraint_starts_at_once_when_the_prompt_ends_the_thinking(engine):
+    """A chat template that closes the thinking in the prompt (Qwen 3 with enable_thinking:
+    false): the answer is constrained from its first token."""
+    text = "<|user|>\nWrite one sentence about tea.<|end|>\n<|assistant|>\n<|system|>"
+    [c] = generate(engine, [text], {"regex": "[0-9]{3}"}, reasoning_end="<|system|>")
+    assert re.fullmatch("[0-9]{3}", c.text) and not c.truncated
+
+
+def test_a_thinking_that_never_ends_is_an_incomplete_row(tmp_path, engine):
+    _, rows = run_job(tmp_path, engine, table(3), input={"chat": True}, generation={
+        "max_new_tokens": 24, "reasoning_end": "<|system|>", "structured": {"regex": "[0-9]{3}"}})
+    for r in rows:
+        assert r["finish_reason"] == "stop" and r["parse_error"].startswith("incomplete:")
+        assert r["generation"] == "" and r["reasoning"]
+
+
+def test_long_documents_are_reduced_under_the_constraint(tmp_path, engine):
+    """With long_documents: chunk the window summaries are free and the reduce step is
+    constrained, like a short row."""
+    docs = ["The cat sees a red apple today. " * n for n in (2, 60, 3, 90)]
+    data = pa.table({"id": [f"d{i}" for i in range(4)], "text": docs, "topic": ["t"] * 4})
+    _, rows = run_job(tmp_path, engine, data, input={
+        "prompt_column": None, "template": "Summarize: {{ text }}", "long_documents": "chunk",
+        "chunk_column": "text", "chunk_tokens": 96, "reduce_template": "Combine: {{ summaries | join(' ') }}"},
+        model={"max_input_tokens": 160},
+        generation={"max_new_tokens": 12, "structured": {"choice": ["good", "bad"]}})
+    assert {r["chunks"] > 0 for r in rows} == {True, False}
+    for r in rows:
+        assert r["generation"] in ("good", "bad") and r["parse_error"] is None
+
+
+def test_a_completion_without_tokens_is_that_rows_error(tmp_path):
+    from batchgen.engine import EchoEngine
+    from batchgen.spec import GenerationSpec
+
+    src = tmp_path / "in.parquet"
+    pq.write_table(table(2, answer=["a real answer", "   "]), src)
+    raw = spec_dict(str(src), str(tmp_path / "out"), "m", input={"completion_column": "answer"},
+                    model={"engine": "echo"})
+    raw["mode"] = "score"
+    spec = parse_spec(raw)
+    result = ShardWorker(spec, EchoEngine(GenerationSpec())).run(make_plan(spec).shards[0], "a")
+    rows = pq.read_table(tmp_path / "out" / result.staged).to_pylist()
+    assert rows[0]["finish_reason"] == "scored" and rows[0]["completion_tokens"] == 3
+    assert rows[1]["error"] == "completion column 'answer' holds no tokens ('   ')"
 
 
 def test_a_grammar_that_never_ends_is_bounded_by_max_new_tokens(engine):
