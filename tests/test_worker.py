@@ -274,7 +274,10 @@ def test_the_job_prefix_is_shared_by_every_prompt_and_changes_no_output(tmp_path
         if split:
             assert prefix == job_prefix(spec, worker.engine) and len(prefix) >= 100
             record = engine_record(worker.engine)
-            assert record == {"version": 2, "path": "slots", "prefix_tokens": len(prefix)}
+            from importlib.metadata import version
+
+            assert record == {"version": 2, "path": "slots", "prefix_tokens": len(prefix),
+                              "grammar": f"llguidance {version('llguidance')}"}
         else:
             worker.engine.set_prefix(())
         result = worker.run(make_plan(spec).shards[0], "a1")
