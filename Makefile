@@ -67,6 +67,7 @@ bench: tiny-model
 	cd benchmarks && ../$(BIN)/python bench_engine.py $(BENCH_ARGS)
 	cd benchmarks && ../$(BIN)/python bench_system.py $(BENCH_ARGS)
 	cd benchmarks && ../$(BIN)/python bench_driver.py $(BENCH_ARGS)
+	cd benchmarks && ../$(BIN)/python bench_structured.py $(BENCH_ARGS)
 
 # A local multi-node Ray cluster on 127.0.0.1 (head with the dashboard + WORKERS worker nodes) to
 # try `batchgen submit` on one machine; see cluster/README.md. The venv goes first on PATH so the
