@@ -152,16 +152,12 @@ def assemble(
             c = done.get((k, s))
             failed = c is None or c.finish_reason == "error"
             take.append(k)
-            out["row_id"].append(row_id)
-            out["sample_index"].append(s)
-            out["prompt"].append(texts[k])
-            out["generation"].append(None if failed else c.text)
-            out["finish_reason"].append("error" if failed else c.finish_reason)
-            out["prompt_tokens"].append(prompt_tokens.get(k, 0))
-            out["generated_tokens"].append(0 if failed else c.generated_tokens)
-            out["error"].append(((c.error if c is not None else errors[k])
-                                 or "no completion") if failed else None)
-            out["seed"].append(row_seed(spec.generation.seed, row_id, s))
+            _add_row(out, spec, row_id, s, texts[k], prompt_tokens.get(k, 0),
+                     generation=None if failed else c.text,
+                     finish_reason="error" if failed else c.finish_reason,
+                     generated_tokens=0 if failed else c.generated_tokens,
+                     error=((c.error if c is not None else errors[k]) or "no completion")
+                     if failed else None)
             if spec.generation.logprobs is not None:
                 lps = None if failed else c.logprobs
                 out["logprobs"].append(logprob_rows(lps))
@@ -174,6 +170,18 @@ def assemble(
     truncated = [False if (c := done.get((k, s))) is None else bool(getattr(c, "truncated", False))
                  for k in range(len(row_ids)) for s in range(n)]
     return _after_decoding(spec, out, take, truncated, tokenizer)
+
+
+def _add_row(out: dict[str, list], spec: JobSpec, row_id: str, sample: int, prompt: str | None,
+             prompt_tokens: int, *, generation: str | None, finish_reason: str,
+             generated_tokens: int, error: str | None) -> None:
+    """The columns every output row has (``OUTPUT_FIELDS``), for one row."""
+    for name, value in (("row_id", row_id), ("sample_index", sample), ("prompt", prompt),
+                        ("generation", generation), ("finish_reason", finish_reason),
+                        ("prompt_tokens", prompt_tokens), ("generated_tokens", generated_tokens),
+                        ("error", error),
+                        ("seed", row_seed(spec.generation.seed, row_id, sample))):
+        out[name].append(value)
 
 
 def assemble_scores(
@@ -194,16 +202,10 @@ def assemble_scores(
         failed = sc is None or sc.logprobs is None
         logprob = None if failed else sc.logprob
         tokens = None if failed else len(sc.logprobs)
-        out["row_id"].append(row_id)
-        out["sample_index"].append(0)
-        out["prompt"].append(texts[k])
-        out["generation"].append(None)
-        out["finish_reason"].append("error" if failed else "scored")
-        out["prompt_tokens"].append(prompt_tokens.get(k, 0))
-        out["generated_tokens"].append(0)
-        out["error"].append(((sc.error if sc is not None else errors[k]) or "not scored")
-                            if failed else None)
-        out["seed"].append(row_seed(spec.generation.seed, row_id, 0))
+        _add_row(out, spec, row_id, 0, texts[k], prompt_tokens.get(k, 0), generation=None,
+                 finish_reason="error" if failed else "scored", generated_tokens=0,
+                 error=((sc.error if sc is not None else errors[k]) or "not scored")
+                 if failed else None)
         out["completion"].append(completions[k])
         out["completion_tokens"].append(tokens)
         out["completion_logprob"].append(logprob)
