@@ -476,10 +476,8 @@ class Engine:
 
     def _texts(self, ids) -> dict[int, str]:
         """Each token's own text (decoded alone), cached per engine."""
-        missing = sorted({i for i in ids if i not in self._token_text})
-        if missing:
-            texts = self.tokenizer.batch_decode([[i] for i in missing])
-            self._token_text.update(zip(missing, texts))
+        for i in {i for i in ids if i not in self._token_text}:  # at most the vocabulary
+            self._token_text[i] = self.tokenizer.decode([i], skip_special_tokens=False)
         return self._token_text
 
     # -- scoring ---------------------------------------------------------------------------

@@ -130,24 +130,30 @@ class HFDecoder:
     def score(self, items: list[tuple[tuple[int, ...], tuple[int, ...]]], top: int | None = None
               ) -> list[tuple[list[float], list[list[int]], list[list[float]]]]:
         """Teacher-forced logprobs of each completion after its prompt (see
-        ``SlotDecoder.score``): one right-padded forward over prompt + completion."""
+        ``SlotDecoder.score``): one left-padded forward over prompt + completion, the LM head
+        over the last positions only (a completion's logits are its row's last ones)."""
         if not items:
             return []
         use_own(self.model)
         dev = self.device
         seqs = [tuple(p) + tuple(c[:-1]) for p, c in items]
         L = max(len(q) for q in seqs)
+        keep = max(len(c) for _, c in items)
         ids = torch.full((len(seqs), L), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), L), dtype=torch.long)
         for row, q in enumerate(seqs):
-            ids[row, :len(q)] = torch.tensor(q, dtype=torch.long)
-            mask[row, :len(q)] = 1
-        out = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
-                         position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(dev), use_cache=False)
+            ids[row, L - len(q):] = torch.tensor(q, dtype=torch.long)
+            mask[row, L - len(q):] = 1
+        kwargs = dict(input_ids=ids.to(dev), attention_mask=mask.to(dev),
+                      position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(dev), use_cache=False)
+        try:
+            logits_all = self.model(**kwargs, logits_to_keep=keep).logits
+        except TypeError:  # a model whose forward has no logits_to_keep
+            logits_all = self.model(**kwargs).logits
         self.padded_positions += len(seqs) * L
         results = []
         for row, (p, c) in enumerate(items):
-            logits = out.logits[row, len(p) - 1:len(p) - 1 + len(c)].float()
+            logits = logits_all[row, logits_all.shape[1] - len(c):].float()
             if torch.isnan(logits).any() or torch.isposinf(logits).any():
                 raise NonFiniteLogits("the model produced NaN/inf logits")
             chosen, top_ids, top_lps = token_logprobs(

@@ -477,3 +477,23 @@ def test_decode_step_traces_with_fullgraph(arch):
     assert all(torch.equal(after[i][0], eager_cache[i][0]) and
                torch.equal(after[i][1], eager_cache[i][1]) for i in after)
     assert any(not torch.equal(before[i][0], after[i][0]) for i in after)  # it wrote the keys
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "mistral_sliding", *REFUSED])
+def test_scores_equal_the_models_own_logprobs(arch):
+    """Teacher-forced scores on whichever path the architecture takes (slot path, or the
+    Hugging Face path left-padded with only the last positions' logits) equal log_softmax of
+    the model's own logits over the unpadded prompt + completion."""
+    from batchgen.engine import ScoreRequest
+
+    model = build(arch)
+    eng = zoo_engine(model)
+    prompts = zoo_prompts((4, 11, 23))
+    completions = zoo_prompts((5, 2, 9), seed=9)
+    scores = eng.score([ScoreRequest(p, c) for p, c in zip(prompts, completions)])
+    use_own(model)
+    for p, c, s in zip(prompts, completions, scores):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([list(p) + list(c[:-1])])).logits[0].float()
+        want = logits[len(p) - 1:].log_softmax(-1)[torch.arange(len(c)), torch.tensor(c)]
+        assert [t.logprob for t in s.logprobs] == pytest.approx(want.tolist(), abs=1e-4), arch
