@@ -22,7 +22,11 @@ CONTEXT = 512
 # tokenizer (not a special token): adding one would change the vocabulary and the weights.
 CHAT_TEMPLATE = (
     "{% if tools %}<|system|>\nYou can call these tools. Answer with <tool_call>"
-    "{\"name\": ..., \"arguments\": {...}}</tool_call>.\n{{ tools | tojson }}<|end|>\n{% endif %}"
+    "{\"name\": ..., \"arguments\": {...}}</tool_call>.\n"
+    "{% for t in tools %}{% set f = t['function'] if t['function'] is defined else t %}"
+    "{% set params = (f['parameters'] | default({}))['properties'] | default({}) %}"
+    "{{ f['name'] }}({{ params | list | join(', ') }}): {{ f['description'] | default('') }}\n"
+    "{% endfor %}<|end|>\n{% endif %}"
     "{% for m in messages %}<|{{ m['role'] }}|>\n"
     "{% if m['content'] is not none %}{{ m['content'] }}{% endif %}"
     "{% if m['tool_calls'] %}{% for call in m['tool_calls'] %}"

@@ -96,7 +96,12 @@ def test_tool_calls_job(ray_local, tiny_model, tmp_path, monkeypatch):
     rows = pq.read_table(tmp_path / "calls" / "data").to_pylist()
     tools = {t["function"]["name"]: t["function"]["parameters"] for t in spec.input.tools}
     assert len(rows) == 16
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
     for r in rows:
+        # the whole prompt, tools block included, fits the tiny model's input budget
+        assert r["prompt_tokens"] == len(tok(r["prompt"], add_special_tokens=False)["input_ids"])
         assert r["finish_reason"] == "stop" and r["parse_error"] is None, r["generation"]
         [call] = r["tool_calls"]
         jsonschema.validate(json.loads(call["arguments"]), tools[call["name"]])
