@@ -65,32 +65,16 @@ class Completion(Protocol):  # batchgen.engine.Completion, without importing tor
     truncated: bool
 
 
-def parses(spec: JobSpec) -> bool:
-    """Whether rows get ``parsed``/``parse_error``: output.parse: json, a constraint (is the
-    output complete under it?), or tools (are the calls valid?)."""
-    return (spec.output.parse == "json" or spec.generation.structured is not None
-            or bool(spec.input.tools))
+# Every column only some jobs write, by name: which ones a job writes, in which order, is
+# ``JobSpec.optional_columns`` (the spec checks input.columns against the same list).
+OPTIONAL_FIELDS = {f.name: f for f in [
+    *PARSE_FIELDS, *CHUNK_FIELDS, *LOGPROB_FIELDS, *SCORE_FIELDS, *REASONING_FIELDS,
+    pa.field("tool_calls", TOOL_CALLS_TYPE)]}
 
 
 def output_fields(spec: JobSpec) -> list[pa.Field]:
     """The columns batchgen adds to every output row of this job."""
-    fields = list(OUTPUT_FIELDS)
-    if spec.mode == "score":
-        fields += SCORE_FIELDS
-        if spec.generation.logprobs is not None:
-            fields.append(LOGPROB_FIELDS[0])
-        return fields
-    if parses(spec):
-        fields += PARSE_FIELDS
-    if spec.input.long_documents == "chunk":
-        fields += CHUNK_FIELDS
-    if spec.generation.logprobs is not None:
-        fields += LOGPROB_FIELDS
-    if spec.input.tools:
-        fields.append(pa.field("tool_calls", TOOL_CALLS_TYPE))
-    if spec.generation.reasoning_end is not None:
-        fields += REASONING_FIELDS
-    return fields
+    return OUTPUT_FIELDS + [OPTIONAL_FIELDS[name] for name in spec.optional_columns()]
 
 
 def logprob_rows(logprobs: Any) -> list[dict] | None:
@@ -242,7 +226,7 @@ def _after_decoding(spec: JobSpec, out: dict[str, list], take: list[int], trunca
                                                     prefix=prompt or "")
                          if reason != "error" and text is not None else (None, None))
         out["tool_calls"] = [c for c, _ in calls]
-    if parses(spec):
+    if "parse_error" in out:
         for j, (text, reason) in enumerate(zip(out["generation"], out["finish_reason"])):
             parsed, why = _parsed(spec, text, reason, truncated[j])
             if why is None and spec.input.tools and calls[j][1] is not None:

@@ -512,7 +512,9 @@ class JobSpec(_Section):
         return self
 
     def optional_columns(self) -> list[str]:
-        """The output columns this job adds to the nine every row has."""
+        """The output columns this job adds to the nine every row has, in order (their types:
+        ``rows.OPTIONAL_FIELDS``). ``parsed``/``parse_error`` come with output.parse: json, a
+        constraint (is the output complete under it?) or tools (are the calls valid?)."""
         g, i, o = self.generation, self.input, self.output
         if self.mode == "score":
             return ["completion", "completion_tokens", "completion_logprob", "perplexity"] + (
