@@ -28,8 +28,20 @@ def first_json_object(text: str | None) -> tuple[str | None, str | None]:
     return None, last_error
 
 
-@lru_cache(maxsize=8)
-def _validator(schema_json: str):
+def schema_error(schema: Any) -> str | None:
+    """Why ``schema`` is not a valid JSON Schema (its metaschema's message), or None."""
+    from jsonschema import SchemaError, validators
+
+    try:
+        validators.validator_for(schema).check_schema(schema)
+    except SchemaError as e:
+        return e.message
+    return None
+
+
+@lru_cache(maxsize=32)
+def schema_validator(schema_json: str):
+    """A validator for the JSON Schema in ``schema_json`` (canonical JSON text: the cache key)."""
     from jsonschema import validators
 
     schema = json.loads(schema_json)
@@ -42,7 +54,7 @@ def parse_generation(text: str | None, schema: dict[str, Any] | None) -> tuple[s
     parsed, error = first_json_object(text)
     if parsed is None or schema is None:
         return parsed, error
-    problems = sorted(_validator(json.dumps(schema, sort_keys=True)).iter_errors(json.loads(parsed)),
+    problems = sorted(schema_validator(json.dumps(schema, sort_keys=True)).iter_errors(json.loads(parsed)),
                       key=lambda e: list(e.path))
     if problems:
         where = "/".join(str(p) for p in problems[0].path) or "(root)"

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import json
 import re
-from functools import lru_cache
 from typing import Any
+
+from batchgen.postprocess import schema_validator
 
 _BLOCK = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
 _OPEN, _CLOSE = "<tool_call>", "</tool_call>"
@@ -174,19 +175,11 @@ def _check_against_tools(name: str, args: dict[str, Any],
     if name not in by_name:
         return f"unknown tool; the tools are {', '.join(sorted(by_name))}"
     params = by_name[name].get("parameters", {"type": "object", "properties": {}})
-    problems = sorted(_validator(_canonical(params)).iter_errors(args), key=lambda e: list(e.path))
+    problems = sorted(schema_validator(_canonical(params)).iter_errors(args), key=lambda e: list(e.path))
     if not problems:
         return None
     where = "/".join(str(p) for p in problems[0].path) or "(root)"
     return f"arguments do not match the tool's parameters: {where}: {problems[0].message}"
-
-
-@lru_cache(maxsize=32)
-def _validator(schema_json: str):
-    from jsonschema import validators
-
-    schema = json.loads(schema_json)
-    return validators.validator_for(schema)(schema)
 
 
 def _kind(value: Any) -> str:

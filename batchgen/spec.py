@@ -393,12 +393,11 @@ class OutputSpec(_Section):
         if self.json_schema is not None:
             if self.parse != "json":
                 raise ValueError("json_schema needs parse: json")
-            from jsonschema import SchemaError, validators
+            from batchgen.postprocess import schema_error
 
-            try:
-                validators.validator_for(self.json_schema).check_schema(self.json_schema)
-            except SchemaError as e:
-                raise ValueError(f"json_schema is not a valid JSON Schema: {e.message}") from None
+            problem = schema_error(self.json_schema)
+            if problem:
+                raise ValueError(f"json_schema is not a valid JSON Schema: {problem}")
         return self
 
 

@@ -90,14 +90,13 @@ def _compiled(kind: str, text: str, where: str) -> Constraint | str:
     from llguidance import LLMatcher
 
     if kind in ("json_schema", "json", "tool_call"):
-        from jsonschema import SchemaError, validators
+        from batchgen.postprocess import schema_error
 
-        schema = json.loads(text)
+        problem = schema_error(json.loads(text))
+        if problem:
+            return f"{where}: not a valid JSON Schema: {problem}"
         try:
-            validators.validator_for(schema).check_schema(schema)
             grammar = LLMatcher.grammar_from_json_schema(text, defaults=JSON_OPTIONS)
-        except SchemaError as e:
-            return f"{where}: not a valid JSON Schema: {e.message}"
         except (TypeError, ValueError) as e:  # NaN bounds and the like, refused by llguidance
             return f"{where}: JSON Schema not supported for constrained decoding: {_one_line(str(e))}"
         what = "JSON Schema not supported for constrained decoding"

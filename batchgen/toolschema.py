@@ -15,7 +15,7 @@ _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 def check_tools(tools: tuple[dict[str, Any], ...], key: str) -> tuple[dict[str, Any], ...]:
     """The tools in the OpenAI form; raises ValueError naming ``key[i]`` and what is wrong."""
-    from jsonschema import SchemaError, validators
+    from batchgen.postprocess import schema_error
 
     out, names = [], set()
     for i, tool in enumerate(tools):
@@ -46,11 +46,9 @@ def check_tools(tools: tuple[dict[str, Any], ...], key: str) -> tuple[dict[str, 
         params = fn.get("parameters", {"type": "object", "properties": {}})
         if not isinstance(params, dict):
             raise ValueError(f"{where}.function.parameters: must be a JSON Schema mapping")
-        try:
-            validators.validator_for(params).check_schema(params)
-        except SchemaError as e:
-            raise ValueError(f"{where}.function.parameters: not a valid JSON Schema: "
-                             f"{e.message}") from None
+        problem = schema_error(params)
+        if problem:
+            raise ValueError(f"{where}.function.parameters: not a valid JSON Schema: {problem}")
         if params.get("type", "object") != "object":
             raise ValueError(f"{where}.function.parameters: must describe an object "
                              f"(type: object), got type {params.get('type')!r}")
