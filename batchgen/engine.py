@@ -227,6 +227,9 @@ class Engine:
     def gen(self, generation: GenerationSpec) -> None:
         self._gen = generation
         self.eos_ids = set() if generation.ignore_eos else _eos_ids(self.model, self.tokenizer)
+        # A reasoning model's end-of-thinking marker as tokens: constraints start after it.
+        self._gate = () if generation.reasoning_end is None else tuple(self.tokenizer(
+            generation.reasoning_end, add_special_tokens=False)["input_ids"])
         longest_stop = max((len(s) for s in generation.stop), default=0)
         self._stop_window = 2 * longest_stop + 4  # tokens re-decoded to look for a stop string
 
@@ -281,11 +284,7 @@ class Engine:
             return None
         from batchgen.structured import Matchers
 
-        gate = ()
-        if self.gen.reasoning_end:
-            gate = tuple(self.tokenizer(self.gen.reasoning_end, add_special_tokens=False)
-                         ["input_ids"])
-        return Matchers(self._grammar_set(), [r.constraint for r in requests], gate,
+        return Matchers(self._grammar_set(), [r.constraint for r in requests], self._gate,
                         [r.prompt_ids for r in requests])
 
     @property
