@@ -41,7 +41,7 @@ import torch
 from batchgen.attention import (KEY_BLOCK, KWARG, Decode, Prefill, Segment, key_length,
                                  use_slots)
 from batchgen.graphs import StepGraphs
-from batchgen.sampling import Sampler, mark_seen, seen_from_prompts, token_logprobs
+from batchgen.sampling import Sampler, mark_seen, per_token, seen_from_prompts, token_logprobs
 from batchgen.slots import SlotCache
 from batchgen.structured import apply_bitmask
 
@@ -63,6 +63,14 @@ def graph_rows(n: int) -> int:
 
 class NonFiniteLogits(RuntimeError):
     """NaN or +inf in the logits: the model overflowed in its dtype."""
+
+
+def check_finite(logits: torch.Tensor) -> torch.Tensor:
+    """``logits``, or NonFiniteLogits if any is NaN or +inf (a host sync: not in decode steps,
+    which flag rows instead)."""
+    if (logits.isnan() | logits.isposinf()).any():
+        raise NonFiniteLogits("the model produced NaN/inf logits")
+    return logits
 
 
 def round_up(n: int, block: int) -> int:
@@ -205,10 +213,10 @@ class SlotDecoder:
 
     @torch.inference_mode()
     def score(self, items: list[tuple[tuple[int, ...], tuple[int, ...]]], top: int | None = None
-              ) -> list[tuple[list[float], list[list[int]], list[list[float]]]]:
-        """Teacher-forced log-likelihood: for each (prompt, completion), the logprob of every
-        completion token given the prompt and the completion before it, and its ``top``
-        likeliest alternatives. Prefilled like prompts (the job prefix's keys shared, packed
+              ) -> list[list[tuple[float, list[int], list[float]]]]:
+        """Teacher-forced log-likelihood: for each (prompt, completion), per completion token
+        (its logprob given the prompt and the completion before it, its ``top`` likeliest
+        alternatives' ids and logprobs). Prefilled like prompts (the job prefix's keys shared, packed
         forwards under the token budget); no decode steps."""
         if not items:
             return []
@@ -233,12 +241,8 @@ class SlotDecoder:
                 completion = items[i][1]
                 at_rows = torch.arange(first, first + len(completion), device=self.device)
                 targets = torch.tensor(completion, dtype=torch.long, device=self.device)
-                logits = self._logits(hidden[at_rows])
-                if (logits.isnan() | logits.isposinf()).any():
-                    raise NonFiniteLogits("the model produced NaN/inf logits")
-                chosen, top_ids, top_lps = token_logprobs(logits, targets, top or 0)
-                out[i] = (chosen.tolist(), [] if top_ids is None else top_ids.tolist(),
-                          [] if top_lps is None else top_lps.tolist())
+                logits = check_finite(self._logits(hidden[at_rows]))
+                out[i] = per_token(*token_logprobs(logits, targets, top or 0))
             for slot in slots:
                 self.cache.release(slot)
         return out
@@ -283,16 +287,13 @@ class SlotDecoder:
             raise NonFiniteLogits("the model produced NaN/inf logits")
         lps = None
         if "logprob" in host:
-            lps = host["logprob"].tolist()
-            top_ids = host["top_ids"].tolist() if "top_ids" in host else None
-            top_lps = host["top_logprobs"].tolist() if "top_ids" in host else None
+            lps = per_token(host["logprob"], host.get("top_ids"), host.get("top_logprobs"))
         for j, (r, tok) in enumerate(zip(rows, tokens)):
             if r.reason is not None:
                 continue  # a step past the row's end
             r.tokens.append(tok)
             if lps is not None:
-                r.logprobs.append((lps[j], top_ids[j] if top_ids else [],
-                                   top_lps[j] if top_lps else []))
+                r.logprobs.append(lps[j])
             if self.matchers is not None:
                 self.matchers.advance(r.index, tok)
             if tok in self.eos_ids or self.hit_stop(r.tokens):

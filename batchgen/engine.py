@@ -370,35 +370,40 @@ class Engine:
         else:
             batches = self.plan_batches([len(r.prompt_ids) for r in requests])
         for batch in batches:
-            for i, completion in zip(batch, self._generate_or_split([requests[i] for i in batch])):
+            for i, completion in zip(batch, self._run_or_split([requests[i] for i in batch],
+                                                                self._run, self._generate_alone)):
                 results[i] = completion
         return results  # type: ignore[return-value]
 
-    def _generate_or_split(self, requests: list[Request]) -> list[Completion]:
+    def _run_or_split(self, requests: list, run, alone) -> list:
+        """``run(requests)``; a batch that runs out of memory or goes non-finite is split in
+        halves and each half run again; a single request that still fails goes to
+        ``alone(request, problem, non_finite)``. Any other error propagates."""
         try:
-            return self._run(requests)
-        except NonFiniteLogits as e:
-            problem, non_finite = str(e), True
+            return run(requests)
         except (RuntimeError, MemoryError) as e:
-            if not (isinstance(e, MemoryError) or _is_oom(e)):
-                raise
-            problem, non_finite = f"out of memory: {str(e).splitlines()[0][:200]}", False
+            problem, non_finite = _failure(e), isinstance(e, NonFiniteLogits)
         _free_memory()
         if len(requests) > 1:
             self.stats.splits += 1
             half = _halve(requests)
-            return self._generate_or_split(requests[:half]) + self._generate_or_split(requests[half:])
+            return (self._run_or_split(requests[:half], run, alone)
+                    + self._run_or_split(requests[half:], run, alone))
+        return alone(requests, problem, non_finite)
+
+    def _generate_alone(self, requests: list[Request], problem: str, non_finite: bool
+                        ) -> list[Completion]:
+        """One request that failed alone: non-finite logits in half precision are retried once
+        with the weights in float32; else an error completion."""
         if non_finite and any(p.dtype != torch.float32 for p in self.model.parameters()):
             self.stats.float32_retries += 1
             try:
                 with self._in_float32():
                     return self._run(requests)
-            except NonFiniteLogits as e:
-                problem = f"{e} (also in float32)"
             except (RuntimeError, MemoryError) as e:
-                if not (isinstance(e, MemoryError) or _is_oom(e)):
-                    raise
-                problem = f"{problem}; the float32 retry ran out of memory"
+                _failure(e)  # anything but non-finite logits or out of memory propagates
+                problem = (f"{e} (also in float32)" if isinstance(e, NonFiniteLogits)
+                           else f"{problem}; the float32 retry ran out of memory")
             _free_memory()
         return [Completion(None, "error", 0, [], error=f"generation failed alone: {problem}")]
 
@@ -490,53 +495,46 @@ class Engine:
         if not requests:
             return []
         started = time.perf_counter()
-        out = self._score_or_split(list(requests))
+        out = self._run_or_split(list(requests), self._score_batch, lambda _, problem, __: [
+            Score(None, error=f"scoring failed alone: {problem}")])
         self.stats.batches += 1
         self.stats.prompt_tokens += sum(len(r.prompt_ids) + len(r.completion_ids)
                                         for r in requests)
         self.stats.seconds += time.perf_counter() - started
         return out
 
-    def _score_or_split(self, requests: list[ScoreRequest]) -> list[Score]:
+    def _score_batch(self, requests: list[ScoreRequest]) -> list[Score]:
         items = [(r.prompt_ids, r.completion_ids) for r in requests]
         top = self.gen.logprobs
-        try:
-            if self.path == "slots":
-                decoder = self._slot_decoder(self.gen, self.eos_ids, self._prefix,
-                                             self._prefix_kv, self._state)
-                results = decoder.score(items, top)
-                self.stats.padded_prompt_positions += decoder.stats.prefill_positions
-                self.stats.prefix_positions += decoder.stats.prefix_positions
-            else:
-                decoder = HFDecoder(self.model, self.gen, eos_ids=self.eos_ids,
-                                    pad_id=self.pad_id, hit_stop=self._hit_stop)
-                results = []
-                for batch in self.plan_batches([len(p) + len(c) for p, c in items]):
-                    for i, r in zip(batch, decoder.score([items[i] for i in batch], top)):
-                        results.append((i, r))
-                results = [r for _, r in sorted(results, key=lambda x: x[0])]
-                self.stats.padded_prompt_positions += decoder.padded_positions
-        except NonFiniteLogits as e:
-            problem = str(e)
-        except (RuntimeError, MemoryError) as e:
-            if not (isinstance(e, MemoryError) or _is_oom(e)):
-                raise
-            problem = f"out of memory: {str(e).splitlines()[0][:200]}"
+        if self.path == "slots":
+            decoder = self._slot_decoder(self.gen, self.eos_ids, self._prefix, self._prefix_kv,
+                                         self._state)
+            results = decoder.score(items, top)
+            self.stats.padded_prompt_positions += decoder.stats.prefill_positions
+            self.stats.prefix_positions += decoder.stats.prefix_positions
         else:
-            return [Score(self._token_logprobs(
-                list(r.completion_ids),
-                [(lp, ids[j] if ids else [], vals[j] if vals else [])
-                 for j, lp in enumerate(chosen)]))
-                for r, (chosen, ids, vals) in zip(requests, results)]
-        _free_memory()
-        if len(requests) > 1:
-            self.stats.splits += 1
-            half = len(requests) // 2
-            return self._score_or_split(requests[:half]) + self._score_or_split(requests[half:])
-        return [Score(None, error=f"scoring failed alone: {problem}")]
+            decoder = HFDecoder(self.model, self.gen, eos_ids=self.eos_ids, pad_id=self.pad_id,
+                                hit_stop=self._hit_stop)
+            results = [None] * len(items)
+            for batch in self.plan_batches([len(p) + len(c) for p, c in items]):
+                for i, r in zip(batch, decoder.score([items[i] for i in batch], top)):
+                    results[i] = r
+            self.stats.padded_prompt_positions += decoder.padded_positions
+        return [Score(self._token_logprobs(list(r.completion_ids), lps))
+                for r, lps in zip(requests, results)]
 
 
-def _halve(requests: list[Request]) -> int:
+def _failure(e: BaseException) -> str:
+    """What made a batch fail in a way splitting it may cure (non-finite logits, out of
+    memory); any other error is raised again."""
+    if isinstance(e, NonFiniteLogits):
+        return str(e)
+    if isinstance(e, MemoryError) or _is_oom(e):
+        return f"out of memory: {str(e).splitlines()[0][:200]}"
+    raise e
+
+
+def _halve(requests: list) -> int:
     """Where to cut a failing batch in two: at the middle, moved so that the samples of one
     prompt stay together (they share a prefill)."""
     half = len(requests) // 2

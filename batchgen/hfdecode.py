@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from batchgen.attention import use_own
-from batchgen.decoder import NonFiniteLogits
-from batchgen.sampling import Sampler, mark_seen, seen_from_prompts, token_logprobs
+from batchgen.decoder import check_finite
+from batchgen.sampling import Sampler, mark_seen, per_token, seen_from_prompts, token_logprobs
 from batchgen.structured import apply_bitmask
 
 PREFILL_FILL = 0.9  # least share of real tokens among the prompt positions of a prefill group
@@ -92,10 +92,7 @@ class HFDecoder:
             tokens = chosen.tolist()
             lps = None
             if self.logprobs is not None:
-                lp, top_ids, top_lps = token_logprobs(logits, chosen, self.logprobs)
-                lps = list(zip(lp.tolist(), top_ids.tolist() if top_ids is not None
-                               else [[]] * len(tokens),
-                               top_lps.tolist() if top_lps is not None else [[]] * len(tokens)))
+                lps = per_token(*token_logprobs(logits, chosen, self.logprobs))
             still = []
             for row, (req, tok) in enumerate(zip(active, tokens)):
                 generated[req].append(tok)
@@ -153,13 +150,9 @@ class HFDecoder:
         self.padded_positions += len(seqs) * L
         results = []
         for row, (p, c) in enumerate(items):
-            logits = logits_all[row, logits_all.shape[1] - len(c):].float()
-            if torch.isnan(logits).any() or torch.isposinf(logits).any():
-                raise NonFiniteLogits("the model produced NaN/inf logits")
-            chosen, top_ids, top_lps = token_logprobs(
-                logits, torch.tensor(c, dtype=torch.long, device=dev), top or 0)
-            results.append((chosen.tolist(), [] if top_ids is None else top_ids.tolist(),
-                            [] if top_lps is None else top_lps.tolist()))
+            logits = check_finite(logits_all[row, logits_all.shape[1] - len(c):].float())
+            results.append(per_token(*token_logprobs(
+                logits, torch.tensor(c, dtype=torch.long, device=dev), top or 0)))
         return results
 
     def _grouped_prefill(self, input_ids, mask, positions, lengths):
@@ -216,7 +209,4 @@ def _stack_left_padded(caches: list[Any], length: int) -> Any:
 
 
 def _last_logits(out: Any) -> torch.Tensor:
-    logits = out.logits[:, -1, :].float()
-    if torch.isnan(logits).any() or torch.isposinf(logits).any():
-        raise NonFiniteLogits("the model produced NaN/inf logits")
-    return logits
+    return check_finite(out.logits[:, -1, :].float())

@@ -159,3 +159,12 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int
         return chosen, None, None
     values, ids = logp.topk(top, dim=-1)
     return chosen, ids, values
+
+
+def per_token(chosen: torch.Tensor, top_ids: torch.Tensor | None, top_lps: torch.Tensor | None
+              ) -> list[tuple[float, list[int], list[float]]]:
+    """``token_logprobs``' tensors as one (logprob, top ids, top logprobs) per row, on the host."""
+    n = chosen.shape[0]
+    ids = top_ids.tolist() if top_ids is not None else [[]] * n
+    vals = top_lps.tolist() if top_lps is not None else [[]] * n
+    return list(zip(chosen.tolist(), ids, vals))
