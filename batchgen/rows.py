@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Any, Protocol
+from typing import Any
 
 import pyarrow as pa
 
 from batchgen import postprocess, responses
+from batchgen.completions import Completion
 from batchgen.errors import ShardError
 from batchgen.spec import JobSpec
 
@@ -54,15 +55,6 @@ CHUNKS_SCHEMA = pa.schema([
     pa.field("error", pa.string()),
     pa.field("seed", pa.int64(), nullable=False),
 ])
-
-
-class Completion(Protocol):  # batchgen.engine.Completion, without importing torch
-    text: str | None
-    finish_reason: str
-    generated_tokens: int
-    error: str | None
-    logprobs: Any  # list of engine.TokenLogprob, or None
-    truncated: bool
 
 
 # Every column only some jobs write, by name: which ones a job writes, in which order, is
@@ -151,7 +143,7 @@ def assemble(
                 document_tokens, windows = chunk_counts.get(k, (0, 0))
                 out["document_tokens"].append(document_tokens)
                 out["chunks"].append(windows)
-    truncated = [False if (c := done.get((k, s))) is None else bool(getattr(c, "truncated", False))
+    truncated = [False if (c := done.get((k, s))) is None else c.truncated
                  for k in range(len(row_ids)) for s in range(n)]
     return _after_decoding(spec, out, take, truncated, tokenizer)
 
