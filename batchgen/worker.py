@@ -97,7 +97,7 @@ class ShardWorker:
         self.engine = engine
         if hasattr(engine, "set_prefix"):
             engine.set_prefix(job_prefix(spec, engine))
-        self._check_constraint()
+        self.constraint = self._job_constraint()
         self.output = output_storage(spec)
         self.in_options = input_options(spec)
         self.columns = prompts.job_columns(spec)
@@ -241,32 +241,35 @@ class ShardWorker:
         structured = self.spec.generation.structured
         if structured is None:
             return {}
+        ok = [k for k in range(len(rows)) if errors[k] is None]
+        if self.constraint is not None:  # the same for every row
+            return dict.fromkeys(ok, self.constraint)
         from batchgen.structured import ConstraintError, constraint_for
 
         out = {}
-        for k, row in enumerate(rows):
-            if errors[k] is not None:
-                continue
+        for k in ok:
             try:
-                out[k] = constraint_for(structured, self.spec.input.tools, row)
+                out[k] = constraint_for(structured, self.spec.input.tools, rows[k])
                 self.engine.compile(out[k])
             except ConstraintError as e:
                 errors[k] = str(e)
         return out
 
-    def _check_constraint(self) -> None:
-        """A constraint that is the same for every row is compiled once, when the replica
-        starts: one this tokenizer cannot serve (a grammar naming a token it lacks) fails the
-        job with the key, not every row."""
+    def _job_constraint(self):
+        """The constraint of every row (None without one, or with per-row schemas), compiled
+        once when the replica starts: one this tokenizer cannot serve (a grammar naming a token
+        it lacks) fails the job with the key, not every row."""
         s = self.spec.generation.structured
         if s is None or s.json_schema_column is not None:
-            return
+            return None
         from batchgen.structured import ConstraintError, constraint_for
 
         try:
-            self.engine.compile(constraint_for(s, self.spec.input.tools))
+            constraint = constraint_for(s, self.spec.input.tools)
+            self.engine.compile(constraint)
         except ConstraintError as e:
             raise SpecError(f"generation.structured: {e} (with this model's tokenizer)") from None
+        return constraint
 
     def _score(self, rows, row_ids, texts, errors, prompt_ids):
         """mode: score: each row's completion column scored under its prompt."""
