@@ -83,7 +83,7 @@ def _resume_options(f):
 
 
 def _load(job: str, overrides: tuple[str, ...], output: str | None, replicas: int | None):
-    from batchgen.specfile import load_spec
+    from batchgen.spec.load import load_spec
 
     extra = list(overrides)
     if output is not None:
@@ -138,14 +138,14 @@ def resume(output, endpoint_url, overrides, replicas, address, progress, force, 
     """Resume the job whose output is OUTPUT, with the spec stored there (job.json).
 
     Committed shards are skipped; the rest, including shards that failed, run again."""
-    from batchgen.status import stored_spec
+    from batchgen.job.status import stored_spec
 
     extra = list(overrides) + ([f"resources.replicas={replicas}"] if replicas is not None else [])
     _run(stored_spec(output, endpoint_url, extra), address, progress, force, retry_failed)
 
 
 def _run(spec, address, progress, force, retry_failed) -> None:
-    from batchgen.driver import run_job
+    from batchgen.job.driver import run_job
 
     s = run_job(spec, address=address, live=progress, force=force, retry_failed=retry_failed)
     click.echo(
@@ -164,8 +164,8 @@ def _run(spec, address, progress, force, retry_failed) -> None:
 def plan(job, overrides, output, replicas, sample, as_json):
     """Show the shards JOB would run and a prompt-token estimate; runs no model."""
     spec = _load(job, overrides, output, replicas)
-    from batchgen.plan import make_plan
-    from batchgen.estimate import estimate_prompt_tokens
+    from batchgen.job.estimate import estimate_prompt_tokens
+    from batchgen.job.plan import make_plan
 
     p = make_plan(spec)
     per_row = estimate_prompt_tokens(spec, p, sample=sample)
@@ -208,7 +208,7 @@ def plan(job, overrides, output, replicas, sample, as_json):
 def status(target, endpoint_url, address, as_json):
     """Show a job's state. TARGET is its output (local or s3://; no cluster needed) or the id
     `batchgen submit` printed (Ray's state plus the job's own status.json)."""
-    from batchgen.status import read_status
+    from batchgen.job.status import read_status
 
     if not _is_job_id(target) or not (address or os.environ.get("RAY_ADDRESS")):
         st = read_status(target, endpoint_url)
@@ -310,7 +310,7 @@ def submit(job, overrides, output, replicas, address, working_dir, env_names, pi
 
     Submitting a job again after it stopped or failed resumes it (same output, next run
     number); while it runs, a second submission is refused."""
-    from batchgen.plan import resolve_local_paths
+    from batchgen.job.plan import resolve_local_paths
     from batchgen.submission import Cluster, env_vars, is_loopback, local_paths, spec_yaml
 
     # Resolved here, as `batchgen run` from this directory resolves them: the job means the same
@@ -395,7 +395,7 @@ def list_jobs(address, show_all):
 @click.option("--endpoint-url", default=None, help="S3 endpoint, as storage.endpoint_url.")
 def show(output, rows, endpoint_url):
     """Print the first rows of a job's output (local or s3://)."""
-    from batchgen.status import head_rows
+    from batchgen.job.status import head_rows
 
     for r in head_rows(output, rows, endpoint_url):
         text = (r["generation"] if r["error"] is None else f"ERROR: {r['error']}") or ""

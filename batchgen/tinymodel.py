@@ -17,7 +17,7 @@ from pathlib import Path
 CONTEXT = 512
 # Without tools, and for messages without tool calls, this renders exactly as the template
 # before tools did, so the demos' prompts are unchanged. Tools are shown in a system-like block
-# that asks for the JSON convention batchgen.responses parses:
+# that asks for the JSON convention batchgen.shard.responses parses:
 # <tool_call>{"name": ..., "arguments": {...}}</tool_call>. <|tool|> is plain text to the
 # tokenizer (not a special token): adding one would change the vocabulary and the weights.
 CHAT_TEMPLATE = (

@@ -25,8 +25,8 @@ from common import REPO, emit, log
 
 RUN = r"""
 import json, resource, sys, time
-from batchgen.driver import run_job
-from batchgen.specfile import parse_spec
+from batchgen.job.driver import run_job
+from batchgen.spec.load import parse_spec
 spec = parse_spec(json.loads(sys.argv[1]))
 t0 = time.perf_counter()
 summary = run_job(spec, live=False, log=lambda line: print(line, file=sys.stderr, flush=True))
@@ -86,9 +86,9 @@ def throughput(tmp: Path, shards: int) -> None:
 def prepare_resume(raw: dict, done_fraction: float, put) -> int:
     """Plan the job and write done markers for all but the last 1% of shards, as a long run
     that died near its end would have left them."""
-    from batchgen.prepare import _job_doc
-    from batchgen.plan import make_plan
-    from batchgen.specfile import parse_spec
+    from batchgen.job.plan import make_plan
+    from batchgen.job.prepare import _job_doc
+    from batchgen.spec.load import parse_spec
 
     spec = parse_spec(raw)
     plan = make_plan(spec)

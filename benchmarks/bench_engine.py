@@ -34,15 +34,8 @@ import random
 
 import torch
 from common import (
-    Timer,
-    common_token_prefix,
-    cpu_pressure,
-    emit,
-    log,
-    prompt_lengths,
-    random_prompts,
-    shared_prefix_prompts,
-    tiny_model,
+    Timer, common_token_prefix, cpu_pressure, emit, log, prompt_lengths, random_prompts,
+    shared_prefix_prompts, tiny_model
 )
 
 
@@ -58,7 +51,7 @@ def left_pad(batch: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tens
 
 def hf_generate(model, **kwargs) -> torch.Tensor:
     """``model.generate`` on the model's own attention (the engine's slot path switches it)."""
-    from batchgen.attention import use_own
+    from batchgen.engine.attention import use_own
 
     use_own(model)
     return model.generate(**kwargs)
@@ -92,7 +85,7 @@ def naive_batches(model, prompts, new_tokens, pad, batch_size) -> tuple[int, int
 
 def make_engine(model, tokenizer, gen, batch_size, path="auto", prefix=(),
                 max_batch_tokens=1 << 30):
-    from batchgen.engine import Engine
+    from batchgen.engine.engine import Engine
 
     return Engine(model, tokenizer, gen, max_input_tokens=None, batch_size=batch_size,
                   max_batch_tokens=max_batch_tokens, path=path, prefix=prefix)
@@ -120,7 +113,7 @@ def target_fields(value, target) -> dict:
 # -- 1. greedy, same work per variant ------------------------------------------------------------
 
 def bench_model(name, model, tokenizer, prompts, new_tokens, batch_size) -> None:
-    from batchgen.engine import Request
+    from batchgen.engine.engine import Request
     from batchgen.spec import GenerationSpec
 
     pad = pad_id(tokenizer)
@@ -185,7 +178,7 @@ def bench_synthetic(name, model, tokenizer, rows, rows_per_batch, slots, target,
     (prefilled on the engine's first call, counted in its time). Per round the engine runs
     between the two halves of the baseline's batches, so load from other work on the shared
     cores falls on both sides alike; with several rounds each side's best round counts."""
-    from batchgen.engine import Request
+    from batchgen.engine.engine import Request
     from batchgen.spec import GenerationSpec
 
     pad = pad_id(tokenizer)
@@ -281,7 +274,7 @@ def bench_eos(name, model, tokenizer, count, slots, rounds, new_tokens=96) -> No
     """The same requests through the engine's slot path and its Hugging Face path, ``rounds``
     times, alternating which goes first; each side's best time counts (other work on the shared
     cores only ever slows a run down)."""
-    from batchgen.engine import Request
+    from batchgen.engine.engine import Request
     from batchgen.spec import GenerationSpec
 
     model.eval()
@@ -351,7 +344,7 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     from transformers import AutoModelForCausalLM
 
-    from batchgen.loading import load_tokenizer
+    from batchgen.engine.loading import load_tokenizer
     from batchgen.spec import ModelSpec
 
     path = tiny_model()

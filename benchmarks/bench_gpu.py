@@ -88,7 +88,7 @@ _PROMPTS: dict[int, list] = {}  # the prompts of each batch size, for the invari
 def engine_for(model, tokenizer, new_tokens, batch, graphs=True):
     """One engine per (batch, graphs), kept: its slot state and captured graphs are reused, as
     in a replica that runs shard after shard."""
-    from batchgen.engine import Engine
+    from batchgen.engine.engine import Engine
     from batchgen.spec import GenerationSpec
 
     key = (batch, graphs)
@@ -103,7 +103,7 @@ def engine_for(model, tokenizer, new_tokens, batch, graphs=True):
 
 
 def engine_run(model, tokenizer, prompts, new_tokens, batch, graphs=True):
-    from batchgen.engine import Request
+    from batchgen.engine.engine import Request
 
     engine = engine_for(model, tokenizer, new_tokens, batch, graphs)
     requests = [Request(tuple(p), i) for i, p in enumerate(prompts)]
@@ -142,9 +142,9 @@ def main() -> None:
     ap.add_argument("--batches", default="1,16,64,256")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA device"
-    from batchgen.tinymodel import build_tiny_model
-    from batchgen.loading import load_tokenizer
+    from batchgen.engine.loading import load_tokenizer
     from batchgen.spec import ModelSpec
+    from batchgen.tinymodel import build_tiny_model
 
     tok_dir = build_tiny_model(Path("/tmp/bg-tiny-tokenizer"))
     tokenizer = load_tokenizer(ModelSpec(path=str(tok_dir)))  # only its pad/eos ids are used

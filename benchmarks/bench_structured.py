@@ -205,9 +205,9 @@ def _throughput_sides(model, tokenizer, prompts, slots, new_tokens) -> dict:
     ``new_tokens`` per row (EOS ignored) so both do the same work, and their schema keeps the
     object open that long (at least 8 cards), so every step's masks are real ones; logprobs are
     measured against that plain side (same seeds, same tokens)."""
-    from batchgen.engine import Request
+    from batchgen.engine.engine import Request
+    from batchgen.engine.structured import constraint_for
     from batchgen.spec import GenerationSpec, StructuredSpec
-    from batchgen.structured import constraint_for
 
     qa = constraint_for(StructuredSpec(json_schema=QA_SCHEMA))
     cards = constraint_for(StructuredSpec(json_schema=CARDS_SCHEMA))
@@ -330,8 +330,8 @@ def bench_compile(name, tokenizer, vocab: int) -> dict:
     """Run before anything else touches this tokenizer's grammars, so the wrap is a first use."""
     import llguidance.hf  # noqa: F401 - the import is not the wrap's cost
 
+    from batchgen.engine.structured import Grammars, constraint_for
     from batchgen.spec import StructuredSpec
-    from batchgen.structured import Grammars, constraint_for
 
     with Timer() as spec_t:  # the load-time check: schema -> llguidance grammar text, validated
         constraints = {k: constraint_for(StructuredSpec(json_schema=s))
@@ -362,7 +362,7 @@ ANSWER = ("{\"question\": \"What do %s need to thrive?\", \"answer\": \"Mostly t
 
 
 def bench_scoring(name, model, tokenizer, prompts, rounds, slots) -> dict:
-    from batchgen.engine import Request, ScoreRequest
+    from batchgen.engine.engine import Request, ScoreRequest
     from batchgen.spec import GenerationSpec
 
     model.eval()
@@ -458,7 +458,7 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     from transformers import AutoModelForCausalLM
 
-    from batchgen.loading import load_tokenizer
+    from batchgen.engine.loading import load_tokenizer
     from batchgen.spec import ModelSpec
 
     pressure_start = cpu_pressure()

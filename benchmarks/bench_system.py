@@ -31,7 +31,7 @@ def make_input(path: Path, rows: int) -> None:
 
 
 def spec_for(inp: Path, out: Path, model: Path, replicas: int, cpus: int, new_tokens: int):
-    from batchgen.specfile import parse_spec
+    from batchgen.spec.load import parse_spec
 
     return parse_spec({
         "input": {"path": str(inp), "template": "The {{ topic }} and the", "id_column": "id"},
@@ -46,11 +46,11 @@ def spec_for(inp: Path, out: Path, model: Path, replicas: int, cpus: int, new_to
 def engine_direct(spec) -> tuple[int, float, float]:
     import torch
 
-    from batchgen.engine import Engine, Request
-    from batchgen.plan import make_plan
-    from batchgen.storage import read_rows
-    from batchgen.prompts import render_prompts
-    from batchgen.rows import row_dicts as _rows
+    from batchgen.engine.engine import Engine, Request
+    from batchgen.io.storage import read_rows
+    from batchgen.job.plan import make_plan
+    from batchgen.shard.prompts import render_prompts
+    from batchgen.shard.rows import row_dicts as _rows
 
     torch.set_num_threads(2)
     with Timer() as total:
@@ -68,7 +68,7 @@ def engine_direct(spec) -> tuple[int, float, float]:
 
 
 def full_run(spec) -> tuple[int, float, float]:
-    from batchgen.driver import run_job
+    from batchgen.job.driver import run_job
 
     with Timer() as total:
         summary = run_job(spec, live=False, log=lambda _: None)

@@ -7,13 +7,13 @@ import copy
 
 import pyarrow as pa
 import pytest
-
-from batchgen import prompts
-from batchgen.errors import SpecError
-from batchgen.responses import parse_tool_calls, split_reasoning
-from batchgen.rows import row_dicts
-from batchgen.specfile import parse_spec
 from conftest import spec_dict
+
+from batchgen.errors import SpecError
+from batchgen.shard import prompts
+from batchgen.shard.responses import parse_tool_calls, split_reasoning
+from batchgen.shard.rows import row_dicts
+from batchgen.spec.load import parse_spec
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather in a city.",
@@ -45,7 +45,7 @@ def user(text):
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model):
-    from batchgen.loading import load_tokenizer
+    from batchgen.engine.loading import load_tokenizer
     from batchgen.spec import ModelSpec
 
     return load_tokenizer(ModelSpec(path=tiny_model))
@@ -118,7 +118,7 @@ def test_chat_template_kwargs_reach_the_template(tokenizer):
 
 
 def test_the_plans_tokenizer_renders_tools_and_kwargs_as_the_replicas_do(tiny_model, tokenizer):
-    from batchgen.modelcheck import light_tokenizer
+    from batchgen.io.modelcheck import light_tokenizer
     from batchgen.spec import ModelSpec
 
     light = light_tokenizer(ModelSpec(path=tiny_model))

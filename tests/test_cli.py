@@ -7,9 +7,9 @@ import types
 import pytest
 import yaml
 from click.testing import CliRunner
+from conftest import BIN, free_port, spec_dict
 
 from batchgen.cli import main
-from conftest import BIN, free_port, spec_dict
 
 
 def write_job(tmp_path, raw) -> str:
@@ -171,9 +171,9 @@ def test_sigterm_cancels_cleanly_and_a_rerun_resumes(tmp_path, prompts_dir, tiny
 
 
 def fake_driver(monkeypatch) -> list:
-    """``batchgen.driver`` replaced by one whose run_job records the spec it was given."""
+    """``batchgen.job.driver`` replaced by one whose run_job records the spec it was given."""
     specs: list = []
-    driver = types.ModuleType("batchgen.driver")
+    driver = types.ModuleType("batchgen.job.driver")
 
     def run_job(spec, **kwargs):
         specs.append(spec)
@@ -181,7 +181,7 @@ def fake_driver(monkeypatch) -> list:
                                      tokens_per_second=0.0, output=spec.output.path)
 
     driver.run_job = run_job
-    monkeypatch.setitem(sys.modules, "batchgen.driver", driver)
+    monkeypatch.setitem(sys.modules, "batchgen.job.driver", driver)
     return specs
 
 

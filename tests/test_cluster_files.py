@@ -9,10 +9,10 @@ import subprocess
 
 import pytest
 import yaml
+from conftest import REPO
 
 from batchgen.cli import main
-from batchgen.specfile import load_spec
-from conftest import REPO
+from batchgen.spec.load import load_spec
 
 CLUSTER = REPO / "cluster"
 FILES = sorted(p for p in CLUSTER.rglob("*") if p.is_file())

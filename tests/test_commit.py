@@ -7,16 +7,16 @@ import sys
 import time
 
 import pytest
-
-from batchgen import layout
-from batchgen.commit import Committer, Task, load_markers
-from batchgen.errors import BatchgenError
-from batchgen.lock import JobLock, LockLost, epoch_path
-from batchgen.plan import Shard, make_plan, output_storage
-from batchgen.prepare import _job_doc, prepare
-from batchgen.specfile import parse_spec
-from batchgen.status import read_status
 from conftest import spec_dict
+
+from batchgen.errors import BatchgenError
+from batchgen.io import layout
+from batchgen.job.commit import Committer, Task, load_markers
+from batchgen.job.lock import JobLock, LockLost, epoch_path
+from batchgen.job.plan import Shard, make_plan, output_storage
+from batchgen.job.prepare import _job_doc, prepare
+from batchgen.job.status import read_status
+from batchgen.spec.load import parse_spec
 
 SHARD = Shard("000000", "in.parquet", 0, 4, 0)
 
@@ -68,7 +68,7 @@ def test_a_kill_after_a_replaced_marker_never_leaves_a_stale_index(tmp_path):
 
 
 def test_the_index_is_rewritten_when_a_marker_is_replaced(tmp_path, monkeypatch):
-    import batchgen.commit as commit
+    import batchgen.job.commit as commit
 
     out = output_storage(parse_spec(spec_dict("in", str(tmp_path / "out"), "m")))
     c = Committer(out, None, {}, set())
@@ -118,7 +118,7 @@ def test_a_run_with_nothing_to_do_keeps_the_completion(tmp_path, prompts_dir):
 
 
 def test_a_failed_retry_points_at_resume_with_retry_failed():
-    from batchgen.prepare import resume_command
+    from batchgen.job.prepare import resume_command
 
     spec = parse_spec(spec_dict("in", "s3://b/out", "m", storage={"endpoint_url": "http://e"}))
     assert resume_command(spec) == "batchgen resume s3://b/out --endpoint-url http://e"
@@ -128,9 +128,9 @@ def test_a_failed_retry_points_at_resume_with_retry_failed():
 def test_run_against_an_address_where_nothing_listens_fails_fast(tmp_path, prompts_dir,
                                                                  monkeypatch):
     import ray
-
-    from batchgen.driver import run_job
     from conftest import free_port
+
+    from batchgen.job.driver import run_job
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh `batchgen run`
     spec = parse_spec(spec_dict(str(prompts_dir), str(tmp_path / "out"), "m",
@@ -154,7 +154,7 @@ def test_sigterm_while_planning_releases_the_lock(tmp_path, prompts_dir):
                                         model={"path": "none", "engine": "echo"})))
     script = (
         "import sys, time\n"
-        "import batchgen.prepare as p\n"
+        "import batchgen.job.prepare as p\n"
         "def slow(spec):\n"
         "    print('planning', flush=True)\n"
         "    time.sleep(120)\n"
@@ -179,7 +179,7 @@ def test_sigterm_while_planning_releases_the_lock(tmp_path, prompts_dir):
 
 
 def test_the_driver_imports_no_torch():
-    code = ("import sys, batchgen.driver, batchgen.prepare, batchgen.commit; "
+    code = ("import sys, batchgen.job.driver, batchgen.job.prepare, batchgen.job.commit; "
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -187,7 +187,7 @@ def test_the_driver_imports_no_torch():
 
 
 def test_a_failure_while_preparing_leaves_a_final_status(tmp_path, prompts_dir, monkeypatch):
-    from batchgen import prepare as prep
+    from batchgen.job import prepare as prep
 
     spec, out = _completed_echo_job(tmp_path, prompts_dir, errors=0)
     for name in (layout.STATUS, layout.SUCCESS, layout.MANIFEST):  # a job not finished yet
@@ -207,7 +207,7 @@ def test_a_failure_while_preparing_leaves_a_final_status(tmp_path, prompts_dir, 
 def test_a_retry_run_writes_the_index_only_at_its_end(tmp_path, monkeypatch):
     """A replaced marker must never sit in an index older than it when the driver is killed:
     a retry run (markers replaced) writes the index at its end only, not every minute."""
-    import batchgen.commit as commit
+    import batchgen.job.commit as commit
 
     out = output_storage(parse_spec(spec_dict("in", str(tmp_path / "out"), "m")))
     first = Committer(out, None, {}, set())
@@ -252,7 +252,7 @@ def test_force_writes_nothing_until_the_model_check_passes(tmp_path, prompts_dir
 def test_a_plan_of_an_earlier_engine_resumes_only_with_force(tmp_path, prompts_dir, version):
     """Plans of fingerprint versions 1 and 2 were made by engine version 1, whose sampled text
     differs: resuming one would mix two streams, so it needs --force, and says why."""
-    from batchgen.plan import FINGERPRINT_VERSION, Plan, _digest, current_fingerprint
+    from batchgen.job.plan import FINGERPRINT_VERSION, Plan, _digest, current_fingerprint
 
     spec, out = _completed_echo_job(tmp_path, prompts_dir, errors=0)
     old = out.read_json(layout.PLAN)
@@ -285,7 +285,7 @@ def test_a_plan_of_an_earlier_engine_resumes_only_with_force(tmp_path, prompts_d
 
 
 def test_a_driver_taken_over_leaves_the_status_to_the_new_holder(tmp_path, prompts_dir):
-    from batchgen.driver import _final_status
+    from batchgen.job.driver import _final_status
 
     spec, out = _completed_echo_job(tmp_path, prompts_dir, errors=2)
     lock = JobLock(out, beat_s=3600)

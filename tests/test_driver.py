@@ -7,11 +7,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import s3fs
-
-from batchgen.driver import run_job
-from batchgen.errors import BatchgenError, ModelError, StorageError
-from batchgen.specfile import parse_spec
 from conftest import spec_dict
+
+from batchgen.errors import BatchgenError, ModelError, StorageError
+from batchgen.job.driver import run_job
+from batchgen.spec.load import parse_spec
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -157,8 +157,8 @@ def test_paths_are_resolved_once_so_resume_and_submit_find_the_same_job(
     them absolute; `batchgen resume OUTPUT` runs from anywhere. All three are one job."""
     import shutil
 
-    from batchgen.plan import resolve_local_paths
-    from batchgen.status import stored_spec
+    from batchgen.job.plan import resolve_local_paths
+    from batchgen.job.status import stored_spec
 
     work = tmp_path / "work"
     (work / "models").mkdir(parents=True)

@@ -2,9 +2,9 @@ from contextlib import contextmanager
 
 import pytest
 
-from batchgen.engine import Engine, PromptTooLong, Request
-from batchgen.modelcheck import check_model
+from batchgen.engine.engine import Engine, PromptTooLong, Request
 from batchgen.errors import ModelError
+from batchgen.io.modelcheck import check_model
 from batchgen.spec import GenerationSpec, InputSpec, ModelSpec, ResourcesSpec
 
 PROMPTS = [
@@ -162,9 +162,9 @@ def faults(engine, fault):
     weights' dtype and its input ids (a list per row); it may raise, or return True to turn that pass's output
     NaN."""
 
-    from batchgen.attention import Prefill
-    from batchgen.decoder import SlotDecoder
-    from batchgen.hfdecode import HFDecoder
+    from batchgen.engine.attention import Prefill
+    from batchgen.engine.decoder import SlotDecoder
+    from batchgen.engine.hfdecode import HFDecoder
 
     def slot_hidden(self, ids, positions, step):
         if isinstance(step, Prefill):  # prompts packed into one sequence: one row each
@@ -319,7 +319,7 @@ def test_grouped_prefill_keeps_padding_low_and_outputs_equal(engine):
 
 
 def test_echo_engine_needs_no_model():
-    from batchgen.engine import EchoEngine, load_engine
+    from batchgen.engine.engine import EchoEngine, load_engine
 
     eng = load_engine(ModelSpec(path="none", engine="echo"), GenerationSpec(), ResourcesSpec())
     assert isinstance(eng, EchoEngine)
@@ -403,7 +403,6 @@ def test_sliding_window_models_on_the_hf_path_match_generate():
     """Stacked prefill caches assumed full-attention layers: a sliding-window model with prompts
     of different lengths past its window got wrong attention on the Hugging Face path."""
     import torch
-
     from archs import VOCAB, ZooTokenizer, build
 
     model = build("mistral_sliding")

@@ -3,10 +3,10 @@
 from pathlib import Path
 
 import pytest
-
-from batchgen.plan import make_plan
-from batchgen.specfile import load_spec
 from conftest import REPO
+
+from batchgen.job.plan import make_plan
+from batchgen.spec.load import load_spec
 
 JOBS = sorted((REPO / "jobs").glob("*.yaml"))
 

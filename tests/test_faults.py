@@ -23,18 +23,16 @@ import fsspec
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-
-from batchgen.cli import main
-from batchgen.commit import Committer, Task
-from batchgen.driver import run_job
-from batchgen.errors import JobFailed
-from batchgen.plan import Plan, make_plan
-from batchgen.specfile import parse_spec
-from batchgen.storage import Storage, storage_options
-from batchgen.plan import output_storage
-from batchgen.worker import ShardWorker
 from conftest import BIN, REPO, spec_dict, tally, wait_until
 
+from batchgen.cli import main
+from batchgen.errors import JobFailed
+from batchgen.io.storage import Storage, storage_options
+from batchgen.job.commit import Committer, Task
+from batchgen.job.driver import run_job
+from batchgen.job.plan import Plan, make_plan, output_storage
+from batchgen.shard.worker import ShardWorker
+from batchgen.spec.load import parse_spec
 
 SAMPLING = {"n": 2, "temperature": 0.9, "top_p": 0.95, "seed": 11, "max_new_tokens": 40}
 IDS = [f"r{i:05d}" for i in range(80)]
@@ -141,8 +139,8 @@ NODE_LOSS = textwrap.dedent("""
     from pathlib import Path
     import ray
     from ray.cluster_utils import Cluster
-    from batchgen.driver import run_job
-    from batchgen.specfile import parse_spec
+    from batchgen.job.driver import run_job
+    from batchgen.spec.load import parse_spec
 
     spec = parse_spec(json.loads(sys.argv[1]))
     out = Path(spec.output.path)
@@ -345,10 +343,10 @@ def test_exception_while_writing_leaves_nothing_visible(tiny_model, prompts_dir,
         real_write(table.slice(0, 3), where, **kw)
         raise OSError("No space left on device")
 
-    monkeypatch.setattr("batchgen.worker.pq.write_table", write_then_fail)
+    monkeypatch.setattr("batchgen.shard.worker.pq.write_table", write_then_fail)
     with pytest.raises(OSError, match="No space left"):
         worker.run(shard, "a1")
-    monkeypatch.setattr("batchgen.worker.pq.write_table", real_write)
+    monkeypatch.setattr("batchgen.shard.worker.pq.write_table", real_write)
 
     def upload_fails(lpath, rpath, **kw):  # the connection drops during the upload
         raise ConnectionError("connection reset by peer")
@@ -436,11 +434,9 @@ def test_shard_failing_every_attempt_then_resume(ray_local, tiny_model, prompts_
 @pytest.mark.slow
 @pytest.mark.ray
 def test_retry_failed_reruns_only_error_rows(ray_local, tiny_model, tmp_path):
-    from test_worker import hazard_table
-
     import pyarrow as pa
-
     from conftest import prompt_table
+    from test_worker import hazard_table
 
     clean = prompt_table(5).cast(hazard_table().schema)
     table = pa.concat_tables([hazard_table(), hazard_table(), clean])
@@ -578,7 +574,7 @@ def test_bad_input_fails_first_with_a_clear_message(case, tmp_path, prompts_dir,
 
 
 def test_a_stop_signal_waits_for_the_commit_in_progress():
-    from batchgen.interrupts import Interrupts
+    from batchgen.job.interrupts import Interrupts
 
     interrupts = Interrupts()
     steps = []
@@ -595,7 +591,7 @@ def test_a_stop_signal_waits_for_the_commit_in_progress():
 def test_a_stop_held_by_a_failed_commit_does_not_cancel_the_next_one():
     """A signal held during a commit that then raised must not linger and cancel a later
     commit (or the next job run in the same process)."""
-    from batchgen.interrupts import Interrupts
+    from batchgen.job.interrupts import Interrupts
 
     interrupts = Interrupts()
     with pytest.raises(OSError):

@@ -15,10 +15,10 @@ import logging
 import pytest
 import torch
 
-from batchgen.decoder import graph_rows
-from batchgen.engine import Engine, Request
-from batchgen.graphs import StepGraphs
-from batchgen.loading import load_tokenizer
+from batchgen.engine.decoder import graph_rows
+from batchgen.engine.engine import Engine, Request
+from batchgen.engine.graphs import StepGraphs
+from batchgen.engine.loading import load_tokenizer
 from batchgen.spec import GenerationSpec, ModelSpec
 
 
@@ -136,8 +136,8 @@ def test_graphed_steps_with_constraints_and_logprobs_give_the_eager_outputs(tiny
     """The constraint's bitmask is one more graph input, the logprobs more graph outputs: the
     graphed step gives the eager tokens and logprobs (constrained rows next to unconstrained
     ones, whose bitmask allows every token)."""
+    from batchgen.engine.structured import constraint_for
     from batchgen.spec import StructuredSpec
-    from batchgen.structured import constraint_for
 
     model, tok = tiny
     schema = {"type": "object", "required": ["a"], "additionalProperties": False,

@@ -19,9 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from click.testing import CliRunner
+from conftest import BIN, spec_dict
 
 from batchgen.cli import main
-from conftest import BIN, spec_dict
 
 
 def job_yaml(**sections) -> str:
@@ -139,13 +139,13 @@ def snapshot(root) -> dict[str, bytes]:
 @pytest.fixture
 def no_driver(monkeypatch):
     """A job that gets past the checks reaches this driver, which fails the test."""
-    driver = types.ModuleType("batchgen.driver")
+    driver = types.ModuleType("batchgen.job.driver")
 
     def run_job(spec, **kwargs):
         raise AssertionError(f"reached the driver with output.path={spec.output.path!r}")
 
     driver.run_job = run_job
-    monkeypatch.setitem(sys.modules, "batchgen.driver", driver)
+    monkeypatch.setitem(sys.modules, "batchgen.job.driver", driver)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
@@ -202,7 +202,7 @@ def test_alias_bomb_is_refused_fast_in_little_memory(tmp_path):
 def test_storage_refuses_an_empty_path():
     # Defence in depth behind the spec and the CLI: "" once became "/".
     from batchgen.errors import StorageError
-    from batchgen.storage import Storage
+    from batchgen.io.storage import Storage
 
     for url in ("", "  "):
         with pytest.raises(StorageError, match="empty storage path"):

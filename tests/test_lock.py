@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from batchgen import layout
-from batchgen.lock import JobLock, LockHeld, LockLost, epoch_path
-from batchgen.storage import Storage, storage_options
+from batchgen.io import layout
+from batchgen.io.storage import Storage, storage_options
+from batchgen.job.lock import JobLock, LockHeld, LockLost, epoch_path
 
 
 @pytest.fixture(params=["local", pytest.param("moto", marks=pytest.mark.s3),

@@ -11,10 +11,10 @@ import math
 import pytest
 import torch
 
-from batchgen.attention import use_own
-from batchgen.engine import Engine, Request, ScoreRequest
+from batchgen.engine.attention import use_own
+from batchgen.engine.engine import Engine, Request, ScoreRequest
+from batchgen.engine.loading import load_tokenizer
 from batchgen.spec import GenerationSpec, ModelSpec
-from batchgen.loading import load_tokenizer
 
 PROMPTS = [
     "The cat",

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import s3fs
+from conftest import spec_dict
 
 from batchgen.errors import ModelError
-from batchgen.modelcache import COMPLETE, fetch, local_model
-from batchgen.specfile import parse_spec
-from conftest import spec_dict
+from batchgen.io.modelcache import COMPLETE, fetch, local_model
+from batchgen.spec.load import parse_spec
 
 pytestmark = pytest.mark.s3
 
@@ -26,7 +26,7 @@ def s3_model(s3_endpoint, s3_bucket, tiny_model) -> str:
 
 def _fetch(args):
     url, endpoint, root = args
-    from batchgen.storage import storage_options
+    from batchgen.io.storage import storage_options
 
     path, downloaded = fetch(url, storage_options(url, endpoint), Path(root))
     return str(path), downloaded
@@ -45,7 +45,7 @@ def test_concurrent_replicas_download_once(s3_model, s3_endpoint, tmp_path):
 
 def test_cached_model_loads_and_generates_like_the_local_one(s3_model, s3_endpoint, tiny_model,
                                                              tmp_path):
-    from batchgen.engine import Engine, Request
+    from batchgen.engine.engine import Engine, Request
 
     raw = spec_dict("in.parquet", str(tmp_path / "out"), s3_model,
                     storage={"endpoint_url": s3_endpoint},
@@ -69,7 +69,7 @@ def test_cached_model_loads_and_generates_like_the_local_one(s3_model, s3_endpoi
 
 def test_changed_model_gets_a_new_folder(s3_model, s3_endpoint, tmp_path):
     fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
-    from batchgen.storage import storage_options
+    from batchgen.io.storage import storage_options
 
     opts = storage_options(s3_model, s3_endpoint)
     first, _ = fetch(s3_model, opts, tmp_path)
@@ -79,7 +79,7 @@ def test_changed_model_gets_a_new_folder(s3_model, s3_endpoint, tmp_path):
 
 
 def test_bad_model_urls_say_what_and_where(s3_bucket, s3_endpoint, tmp_path):
-    from batchgen.storage import storage_options
+    from batchgen.io.storage import storage_options
 
     url = f"{s3_bucket}/not-a-model"
     s3fs.S3FileSystem(endpoint_url=s3_endpoint).pipe(f"{url.removeprefix('s3://')}/x.txt", b"x")

@@ -3,12 +3,12 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import prompt_table, spec_dict
 
 from batchgen.errors import InputError, SpecError
-from batchgen.plan import Plan, current_fingerprint, make_plan
-from batchgen.specfile import parse_spec
-from batchgen.storage import read_rows
-from conftest import prompt_table, spec_dict
+from batchgen.io.storage import read_rows
+from batchgen.job.plan import Plan, current_fingerprint, make_plan
+from batchgen.spec.load import parse_spec
 
 
 def spec_for(path, **resources):
@@ -164,7 +164,7 @@ def test_a_changed_local_file_changes_the_fingerprint(prompts_dir):
 
 
 def test_model_path_spelling_does_not_change_the_fingerprint(prompts_dir, tmp_path, monkeypatch):
-    from batchgen.plan import resolve_local_paths
+    from batchgen.job.plan import resolve_local_paths
 
     (tmp_path / "models" / "tiny").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
@@ -181,7 +181,7 @@ def test_keys_added_after_version_3_leave_the_fingerprint_of_jobs_that_do_not_us
     """A job written before structured generation, logprobs, messages and scoring existed has
     the fingerprint it had then (the sections as fingerprint version 3 digested them), so it
     still resumes."""
-    from batchgen.plan import LATER_KEYS, _digest
+    from batchgen.job.plan import LATER_KEYS, _digest
 
     spec = spec_for(prompts_dir)
     parts = make_plan(spec).fingerprint_parts
@@ -214,7 +214,7 @@ def test_scoring_changes_the_generation_part(prompts_dir):
 
 
 def test_plans_of_earlier_versions_still_match(prompts_dir):
-    from batchgen.plan import _digest
+    from batchgen.job.plan import _digest
 
     spec = spec_for(prompts_dir)
     plan = make_plan(spec)
@@ -249,7 +249,7 @@ def test_a_fifo_in_the_input_directory_is_refused_not_waited_on(prompts_dir):
     ("{d}/part-0.parquet", "{d}/out", False),
 ])
 def test_an_output_inside_the_input_is_refused(prompts_dir, inp, out, refused):
-    from batchgen.plan import check_output_outside_input
+    from batchgen.job.plan import check_output_outside_input
 
     d = str(prompts_dir)
     spec = parse_spec(spec_dict(inp.format(d=d), out.format(d=d), "m"))
@@ -261,7 +261,7 @@ def test_an_output_inside_the_input_is_refused(prompts_dir, inp, out, refused):
 
 
 def test_an_output_inside_the_input_is_refused_however_spelled(prompts_dir, monkeypatch):
-    from batchgen.plan import check_output_outside_input
+    from batchgen.job.plan import check_output_outside_input
 
     monkeypatch.chdir(prompts_dir.parent)
     spec = parse_spec(spec_dict(f"./{prompts_dir.name}", f"{prompts_dir}/out", "m"))

@@ -9,12 +9,12 @@ import time
 
 import pyarrow as pa
 import pytest
+from conftest import REPO, spec_dict
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from batchgen import prompts, sandbox
 from batchgen.errors import SpecError
-from batchgen.specfile import parse_spec
-from conftest import REPO, spec_dict
+from batchgen.shard import prompts, sandbox
+from batchgen.spec.load import parse_spec
 
 
 def input_spec(**values):
@@ -150,7 +150,7 @@ def test_ordinary_templates_render_as_in_the_plain_sandbox(template):
 
 
 def test_importing_the_estimate_loads_no_torch():
-    code = "import sys, batchgen.estimate; print('torch' in sys.modules)"
+    code = "import sys, batchgen.job.estimate; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                          check=True)
     assert out.stdout.strip() == "False"
@@ -165,9 +165,9 @@ def test_the_estimate_counts_tokens_without_torch(tmp_path, tiny_model):
 import sys
 sys.path.insert(0, {str(REPO / 'tests')!r})
 from conftest import spec_dict
-from batchgen.estimate import estimate_prompt_tokens
-from batchgen.plan import make_plan
-from batchgen.specfile import parse_spec
+from batchgen.job.estimate import estimate_prompt_tokens
+from batchgen.job.plan import make_plan
+from batchgen.spec.load import parse_spec
 spec = parse_spec(spec_dict({str(tmp_path / 'in.parquet')!r}, "out", {tiny_model!r},
                             input={{"chat": True}}))
 print(estimate_prompt_tokens(spec, make_plan(spec)), 'torch' in sys.modules)
@@ -189,9 +189,9 @@ def test_the_estimate_renders_conversations_with_tools_without_torch(tmp_path, t
 import sys
 sys.path.insert(0, {str(REPO / 'tests')!r})
 from conftest import spec_dict
-from batchgen.estimate import estimate_prompt_tokens
-from batchgen.plan import make_plan
-from batchgen.specfile import parse_spec
+from batchgen.job.estimate import estimate_prompt_tokens
+from batchgen.job.plan import make_plan
+from batchgen.spec.load import parse_spec
 tool = {{"name": "get_weather", "parameters": {{"type": "object", "properties": {{}}}}}}
 for tools in ([], [tool]):
     spec = parse_spec(spec_dict({str(tmp_path / 'in.parquet')!r}, "out", {tiny_model!r},
@@ -210,8 +210,8 @@ print('torch' in sys.modules)
 
 def test_the_light_tokenizer_counts_and_renders_as_transformers_does(tiny_model):
     """The plan's torch-free tokenizer must agree with the replicas' (transformers)."""
-    from batchgen.loading import load_tokenizer
-    from batchgen.modelcheck import light_tokenizer
+    from batchgen.engine.loading import load_tokenizer
+    from batchgen.io.modelcheck import light_tokenizer
     from batchgen.spec import ModelSpec
 
     model = ModelSpec(path=tiny_model)

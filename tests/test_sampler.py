@@ -18,13 +18,8 @@ from collections import Counter
 import pytest
 import torch
 
-from batchgen.sampling import (
-    SAMPLER_VERSION,
-    Sampler,
-    _noise_bits,
-    gumbel_noise,
-    mark_seen,
-    seen_from_prompts,
+from batchgen.engine.sampling import (
+    SAMPLER_VERSION, Sampler, _noise_bits, gumbel_noise, mark_seen, seen_from_prompts
 )
 from batchgen.spec import GenerationSpec
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 from archs import EOS, PAD, REFUSED, SERVABLE, SLIDING, VOCAB, ZooTokenizer, build
 
-from batchgen.attention import NAME, Decode, key_length, use_own
-from batchgen.decoder import MIN_ROWS, PREFILL_BLOCK, SlotDecoder, round_up
-from batchgen.engine import Engine, Request
-from batchgen.sampling import Sampler
+from batchgen.engine.attention import NAME, Decode, key_length, use_own
+from batchgen.engine.decoder import MIN_ROWS, PREFILL_BLOCK, SlotDecoder, round_up
+from batchgen.engine.engine import Engine, Request
+from batchgen.engine.sampling import Sampler
 from batchgen.spec import GenerationSpec
 
 # granite and cohere scale their logits outside the LM head: the argmax survives, the
@@ -126,7 +126,7 @@ def tiny(tiny_model):
     """(model, tokenizer) of the trained tiny model, float32 on the CPU."""
     from transformers import AutoModelForCausalLM
 
-    from batchgen.loading import load_tokenizer
+    from batchgen.engine.loading import load_tokenizer
     from batchgen.spec import ModelSpec
 
     tok = load_tokenizer(ModelSpec(path=tiny_model))
@@ -484,7 +484,7 @@ def test_scores_equal_the_models_own_logprobs(arch):
     """Teacher-forced scores on whichever path the architecture takes (slot path, or the
     Hugging Face path left-padded with only the last positions' logits) equal log_softmax of
     the model's own logits over the unpadded prompt + completion."""
-    from batchgen.engine import ScoreRequest
+    from batchgen.engine.engine import ScoreRequest
 
     model = build(arch)
     eng = zoo_engine(model)

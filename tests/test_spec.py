@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from batchgen.errors import SpecError
-from batchgen.specfile import apply_overrides, load_spec, parse_spec
+from batchgen.spec.load import apply_overrides, load_spec, parse_spec
 
 GOOD = """
 input:

@@ -11,15 +11,15 @@ import jsonschema
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from batchgen.engine import Engine, Request
-from batchgen.errors import SpecError
-from batchgen.plan import make_plan
-from batchgen.spec import ModelSpec, ResourcesSpec, StructuredSpec
-from batchgen.specfile import parse_spec
-from batchgen.structured import constraint_for
-from batchgen.worker import ShardWorker
 from conftest import spec_dict
+
+from batchgen.engine.engine import Engine, Request
+from batchgen.engine.structured import constraint_for
+from batchgen.errors import SpecError
+from batchgen.job.plan import make_plan
+from batchgen.shard.worker import ShardWorker
+from batchgen.spec import ModelSpec, ResourcesSpec, StructuredSpec
+from batchgen.spec.load import parse_spec
 
 QA = {"type": "object", "required": ["question", "answer"], "additionalProperties": False,
       "properties": {"question": {"type": "string", "minLength": 1, "maxLength": 40},
@@ -208,7 +208,7 @@ def test_scoring_bad_completions_are_error_rows(tmp_path, engine):
 def test_the_constraint_starts_after_the_end_of_thinking(engine):
     """A model that 'thinks' until a marker: the text up to the marker is unconstrained (the
     same as without a constraint), the answer after it is constrained."""
-    from batchgen.responses import split_reasoning
+    from batchgen.shard.responses import split_reasoning
 
     text = "<|user|>\nWrite one sentence about tea.<|end|>\n<|assistant|>\n"
     from batchgen.spec import GenerationSpec
@@ -354,7 +354,7 @@ def test_long_documents_are_reduced_under_the_constraint(tmp_path, engine):
 
 
 def test_a_completion_without_tokens_is_that_rows_error(tmp_path):
-    from batchgen.engine import EchoEngine
+    from batchgen.engine.engine import EchoEngine
     from batchgen.spec import GenerationSpec
 
     src = tmp_path / "in.parquet"

@@ -11,15 +11,15 @@ import jsonschema
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-
-from batchgen import postprocess, prompts
-from batchgen.cli import main
-from batchgen.driver import run_job
-from batchgen.errors import InputError, SpecError
-from batchgen.plan import make_plan
-from batchgen.specfile import load_spec, parse_spec
-from batchgen.storage import storage_options
 from conftest import REPO, spec_dict
+
+from batchgen.cli import main
+from batchgen.errors import InputError, SpecError
+from batchgen.io.storage import storage_options
+from batchgen.job.driver import run_job
+from batchgen.job.plan import make_plan
+from batchgen.shard import postprocess, prompts
+from batchgen.spec.load import load_spec, parse_spec
 
 TOPICS = [json.loads(line) for line in (REPO / "jobs/data/qa-topics.jsonl").read_text().splitlines()]
 
@@ -208,7 +208,7 @@ def test_jsonl_input_is_planned_into_shards(tmp_path):
     plan = make_plan(spec)
     assert plan.total_rows == 50 and len(plan.shards) == 6
     assert [s.row_count for s in plan.shards] == [10, 10, 5, 10, 10, 5]
-    from batchgen.storage import read_rows
+    from batchgen.io.storage import read_rows
 
     rows = read_rows(plan.shards[1].file, 10, 10, ["id", "prompt"], {}).to_pylist()
     assert rows[0] == {"id": "s010", "prompt": "The 10"} and len(rows) == 10

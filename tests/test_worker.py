@@ -3,13 +3,13 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import spec_dict
 
 from batchgen.errors import ShardError
-from batchgen.plan import make_plan
-from batchgen.rows import row_seed
-from batchgen.specfile import parse_spec
-from batchgen.worker import ShardWorker
-from conftest import spec_dict
+from batchgen.job.plan import make_plan
+from batchgen.shard.rows import row_seed
+from batchgen.shard.worker import ShardWorker
+from batchgen.spec.load import parse_spec
 
 
 def hazard_table() -> pa.Table:
@@ -86,7 +86,7 @@ ALL_ERRORS = {
 
 @pytest.mark.parametrize("case", sorted(ALL_ERRORS))
 def test_a_shard_of_error_rows_writes_them(case, tmp_path, tiny_model, monkeypatch):
-    from batchgen import prompts
+    from batchgen.shard import prompts
 
     # The planner refuses non-text prompt columns up front (tests/test_plan.py); the worker must
     # cope on its own all the same (a plan made by an earlier version, a JSON Lines file).
@@ -108,7 +108,7 @@ def test_a_shard_of_error_rows_writes_them(case, tmp_path, tiny_model, monkeypat
 
 def test_a_looping_or_ballooning_template_fails_its_row_within_seconds(tmp_path, tiny_model,
                                                                        monkeypatch):
-    from batchgen import sandbox
+    from batchgen.shard import sandbox
 
     monkeypatch.setattr(sandbox, "RENDER_SECONDS", 1.0)
     template = ("{% if topic == 'loop' %}{% for i in range(99999) %}{% for j in range(99999) %}"
@@ -129,7 +129,7 @@ def test_a_looping_or_ballooning_template_fails_its_row_within_seconds(tmp_path,
 @pytest.fixture
 def tokenized_lengths(monkeypatch):
     """Lengths of every text the engine tokenizes."""
-    from batchgen.engine import Engine
+    from batchgen.engine.engine import Engine
 
     seen: list[int] = []
     real = Engine.tokenize
@@ -159,7 +159,7 @@ def test_a_10_mb_row_is_not_tokenized_whole(truncation, tmp_path, tiny_model, to
 
 @pytest.fixture(scope="module")
 def engine(tiny_model):
-    from batchgen.engine import Engine
+    from batchgen.engine.engine import Engine
     from batchgen.spec import GenerationSpec, ModelSpec, ResourcesSpec
 
     return Engine.load(ModelSpec(path=tiny_model, max_input_tokens=100),
@@ -179,7 +179,7 @@ TEXTS = [
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("text", TEXTS, ids=range(len(TEXTS)))
 def test_cutting_before_tokenizing_keeps_the_same_tokens(text, side, engine):
-    from batchgen import longdocs
+    from batchgen.shard import longdocs
 
     engine.truncation = side
     expected = engine.fit(engine.tokenize([text])[0])
@@ -190,7 +190,7 @@ def test_cutting_before_tokenizing_keeps_the_same_tokens(text, side, engine):
 
 
 def test_an_empty_batch_is_tokenized_to_nothing(engine):
-    from batchgen import longdocs
+    from batchgen.shard import longdocs
 
     assert longdocs.tokenize_bounded(engine, [], chat=False, keep="left") == []
 
@@ -200,7 +200,7 @@ def test_an_empty_batch_is_tokenized_to_nothing(engine):
 
 @pytest.mark.parametrize("size", [1, 2, 7, 64])
 def test_windows_cover_every_token_and_repeat_only_the_overlap(size):
-    from batchgen.longdocs import window_starts
+    from batchgen.shard.longdocs import window_starts
 
     for overlap in range(size):
         for n in [0, 1, size - 1, size, size + 1, 3 * size + 2, 1000]:
@@ -212,7 +212,7 @@ def test_windows_cover_every_token_and_repeat_only_the_overlap(size):
 
 
 def test_an_overlap_as_large_as_the_window_is_an_error():
-    from batchgen.longdocs import window_starts
+    from batchgen.shard.longdocs import window_starts
 
     with pytest.raises(ValueError):
         window_starts(100, 10, 10)
@@ -253,8 +253,8 @@ def test_the_job_prefix_is_shared_by_every_prompt_and_changes_no_output(tmp_path
     """The synthetic-data job's system prompt and few-shot examples are one token prefix,
     prefilled once per replica; each row's text alone is prefilled for it. Outputs (greedy and
     seeded, n samples forked) equal those of the same job with no prefix split."""
-    from batchgen.specfile import load_spec
-    from batchgen.worker import engine_record, job_prefix
+    from batchgen.shard.worker import engine_record, job_prefix
+    from batchgen.spec.load import load_spec
 
     table = pa.table({"topic_id": [f"q{i}" for i in range(6)],
                       "topic": ["rivers", "tea", "the moon", "bread", "birds", "music"],

@@ -23,9 +23,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from batchgen import prompts
-from batchgen.engine import Engine, PromptTooLong, Request
-from batchgen.rows import CHUNKS_SCHEMA, row_seed
+from batchgen.engine.engine import Engine, PromptTooLong, Request
+from batchgen.shard import prompts
+from batchgen.shard.rows import CHUNKS_SCHEMA, row_seed
 from batchgen.spec import JobSpec
 
 CHARS_PER_TOKEN = 16  # English is ~4 characters per token; code with long runs of spaces ~8-16

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from batchgen.slots import SlotCache
+from batchgen.engine.slots import SlotCache
 
 NAME = "batchgen_slots"
 KWARG = "batchgen_slots"

@@ -9,17 +9,18 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, Callable
 
-from batchgen import layout
-from batchgen.commit import Committer, Task, load_markers
 from batchgen.errors import BatchgenError, StorageError
-from batchgen.lock import JobLock
-from batchgen.modelcache import local_model
-from batchgen.modelcheck import check_model
-from batchgen.plan import (FINGERPRINT_VERSION, Plan, check_unique_ids, current_fingerprint,
-                           make_plan)
-from batchgen.progress import JobProgress, now_iso
+from batchgen.io import layout
+from batchgen.io.modelcache import local_model
+from batchgen.io.modelcheck import check_model
+from batchgen.io.storage import Storage, redact
+from batchgen.job.commit import Committer, Task, load_markers
+from batchgen.job.lock import JobLock
+from batchgen.job.plan import (
+    FINGERPRINT_VERSION, Plan, check_unique_ids, current_fingerprint, make_plan
+)
+from batchgen.job.progress import JobProgress, now_iso
 from batchgen.spec import JobSpec
-from batchgen.storage import Storage, redact
 
 Say = Callable[[str], None]
 

@@ -16,9 +16,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from batchgen import postprocess, responses
-from batchgen.completions import Completion
+from batchgen.engine.completions import Completion
 from batchgen.errors import ShardError
+from batchgen.shard import postprocess, responses
 from batchgen.spec import JobSpec
 
 OUTPUT_FIELDS = [

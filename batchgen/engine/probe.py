@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from batchgen.attention import NAME, Unsupported, use_own, use_slots
+from batchgen.engine.attention import NAME, Unsupported, use_own, use_slots
 
 log = logging.getLogger("batchgen.engine")
 
@@ -52,7 +52,7 @@ def probe(model: Any, make_decoder, context: int | None) -> tuple[bool, str]:
 
 @torch.inference_mode()
 def _compare(model: Any, decoder: Any, context: int | None) -> tuple[bool, str]:
-    from batchgen.engine import Request
+    from batchgen.engine.engine import Request
 
     vocab = model.get_output_embeddings().weight.shape[0]
     prompts = probe_prompts(vocab, context)

@@ -23,7 +23,7 @@ import json
 import re
 from typing import Any
 
-from batchgen.postprocess import schema_validator
+from batchgen.shard.postprocess import schema_validator
 
 _BLOCK = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
 _OPEN, _CLOSE = "<tool_call>", "</tool_call>"

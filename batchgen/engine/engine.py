@@ -31,15 +31,18 @@ from typing import Any
 
 import torch
 
-from batchgen import probe
-from batchgen.completions import (  # noqa: F401 - re-exported: the engine's contract
-    Completion, EngineStats, Request, Score, ScoreRequest, TokenLogprob)
-from batchgen.decoder import NonFiniteLogits, SlotDecoder
-from batchgen.hfdecode import HFDecoder
-from batchgen.loading import load_model
-from batchgen.modelcheck import context_length, input_budget
+from batchgen.engine import probe
+from batchgen.engine.completions import (
+    Completion, EngineStats, Request, Score, ScoreRequest, TokenLogprob
+)
+from batchgen.engine.decoder import NonFiniteLogits, SlotDecoder
+from batchgen.engine.hfdecode import HFDecoder
+from batchgen.engine.loading import load_model
+from batchgen.engine.versions import (  # noqa: F401 - re-exported: the engine's version
+    ENGINE_VERSION
+)
+from batchgen.io.modelcheck import context_length, input_budget
 from batchgen.spec import GenerationSpec, ModelSpec, ResourcesSpec
-from batchgen.versions import ENGINE_VERSION  # noqa: F401 - re-exported: the engine's version
 
 log = logging.getLogger("batchgen.engine")
 
@@ -141,7 +144,7 @@ class Engine:
         self._token_text: dict[int, str] = {}
         self.graph_factory = None
         if cuda_graphs and self.device.type == "cuda":
-            from batchgen.graphs import CudaGraph
+            from batchgen.engine.graphs import CudaGraph
 
             self.graph_factory = CudaGraph
         self.path, self.path_reason = self._choose_path(path)
@@ -200,7 +203,7 @@ class Engine:
 
     def _grammar_set(self):
         if self._grammars is None:
-            from batchgen.structured import Grammars
+            from batchgen.engine.structured import Grammars
 
             self._grammars = Grammars(self.tokenizer, self.model.get_output_embeddings().weight
                                       .shape[0], self.tokenizer.eos_token_id)
@@ -210,7 +213,7 @@ class Engine:
         """One constraint matcher per request of a run, or None when none is constrained."""
         if all(r.constraint is None for r in requests):
             return None
-        from batchgen.structured import Matchers
+        from batchgen.engine.structured import Matchers
 
         return Matchers(self._grammar_set(), [r.constraint for r in requests], self._gate,
                         [r.prompt_ids for r in requests])

@@ -2,7 +2,7 @@
 
 A prompt comes from one column, from a Jinja2 template over the row's columns rendered in
 Jinja2's immutable sandbox (no access to Python internals, no imports, no files) under a time and
-size budget per row (``batchgen.sandbox``), or, with ``input.messages_column``, from the row's
+size budget per row (``batchgen.shard.sandbox``), or, with ``input.messages_column``, from the row's
 own conversation (a list of {role, content} messages). Few-shot examples, the system prompt,
 the tools and the model's chat template go around it (``wrap_prompt``). No torch here:
 ``batchgen plan`` renders prompts for its estimate without loading a model.
@@ -23,8 +23,8 @@ import pyarrow as pa
 from jinja2 import TemplateSyntaxError, meta, nodes
 from jinja2.exceptions import SecurityError, UndefinedError
 
-from batchgen import sandbox
 from batchgen.errors import SpecError
+from batchgen.shard import sandbox
 from batchgen.spec import InputSpec, JobSpec
 
 

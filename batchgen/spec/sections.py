@@ -142,7 +142,7 @@ class InputSpec(_Section):
     @field_validator("tools")
     @classmethod
     def _tools_are_schemas(cls, tools: tuple[dict[str, Any], ...]) -> tuple[dict[str, Any], ...]:
-        from batchgen.toolschema import check_tools
+        from batchgen.spec.tools import check_tools
 
         return check_tools(tools, "input.tools")
 
@@ -287,7 +287,7 @@ class StructuredSpec(_Section):
                 f"json_schema_column, tool_call (got {', '.join(given).replace('json_object', 'json') or 'none'})")
         if self.choice is not None and (not self.choice or any(c == "" for c in self.choice)):
             raise ValueError("choice needs at least one non-empty string")
-        from batchgen.structured import check_spec
+        from batchgen.engine.structured import check_spec
 
         check_spec(self)
         return self
@@ -393,7 +393,7 @@ class OutputSpec(_Section):
         if self.json_schema is not None:
             if self.parse != "json":
                 raise ValueError("json_schema needs parse: json")
-            from batchgen.postprocess import schema_error
+            from batchgen.shard.postprocess import schema_error
 
             problem = schema_error(self.json_schema)
             if problem:
@@ -451,7 +451,7 @@ class StorageSpec(_Section):
     def _no_credentials(cls, options: dict[str, Any]) -> dict[str, Any]:
         # One rule for run, submit and resume: job.json and a submitted job's runtime_env would
         # hold them in plain text. The rule is storage.redact's, which job.json is written with.
-        from batchgen.storage import secret_keys
+        from batchgen.io.storage import secret_keys
 
         keys = secret_keys(options, "storage.options")
         if keys:
@@ -498,7 +498,7 @@ class JobSpec(_Section):
         if s is not None and s.tool_call:
             if not i.tools:
                 raise ValueError("generation.structured.tool_call needs input.tools")
-            from batchgen.structured import ConstraintError, constraint_for
+            from batchgen.engine.structured import ConstraintError, constraint_for
 
             try:
                 constraint_for(s, i.tools)

@@ -33,9 +33,9 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
-from batchgen import layout
 from batchgen.errors import BatchgenError
-from batchgen.storage import Storage
+from batchgen.io import layout
+from batchgen.io.storage import Storage
 
 TTL_S = 60.0
 BEAT_S = 10.0

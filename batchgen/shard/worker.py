@@ -22,16 +22,19 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from batchgen import layout, longdocs, prompts
-from batchgen.engine import Engine, PromptTooLong, Request, ScoreRequest, load_engine
+from batchgen.engine.engine import Engine, PromptTooLong, Request, ScoreRequest, load_engine
+from batchgen.engine.versions import ENGINE_VERSION
 from batchgen.errors import ShardError, SpecError
-from batchgen.modelcache import local_model
-from batchgen.plan import Shard, input_options, output_storage
-from batchgen.rows import (assemble, assemble_scores, output_fields, row_dicts, row_seed, verify_one_to_one,
-                           with_input_columns)
+from batchgen.io import layout
+from batchgen.io.modelcache import local_model
+from batchgen.io.storage import read_rows
+from batchgen.job.plan import Shard, input_options, output_storage
+from batchgen.shard import longdocs, prompts
+from batchgen.shard.rows import (
+    assemble, assemble_scores, output_fields, row_dicts, row_seed, verify_one_to_one,
+    with_input_columns
+)
 from batchgen.spec import JobSpec
-from batchgen.storage import read_rows
-from batchgen.versions import ENGINE_VERSION
 
 
 @dataclass
@@ -244,7 +247,7 @@ class ShardWorker:
         ok = [k for k in range(len(rows)) if errors[k] is None]
         if self.constraint is not None:  # the same for every row
             return dict.fromkeys(ok, self.constraint)
-        from batchgen.structured import ConstraintError, constraint_for
+        from batchgen.engine.structured import ConstraintError, constraint_for
 
         out = {}
         for k in ok:
@@ -262,7 +265,7 @@ class ShardWorker:
         s = self.spec.generation.structured
         if s is None or s.json_schema_column is not None:
             return None
-        from batchgen.structured import ConstraintError, constraint_for
+        from batchgen.engine.structured import ConstraintError, constraint_for
 
         try:
             constraint = constraint_for(s, self.spec.input.tools)

@@ -2,7 +2,7 @@
 
 Contract: ``estimate_prompt_tokens`` renders the first rows of the input exactly as a replica
 would (template, few-shot examples, chat template) and counts their tokens with the model's own
-``tokenizer.json`` (``batchgen.modelcheck.light_tokenizer``, torch-free); it reads the tokenizer
+``tokenizer.json`` (``batchgen.io.modelcheck.light_tokenizer``, torch-free); it reads the tokenizer
 files only, never the weights. Neither torch nor ``batchgen.engine`` is imported here, so
 ``batchgen plan`` stays quick; only a model without ``tokenizer.json`` (a slow, sentencepiece-only
 tokenizer) falls back to transformers, which imports torch.
@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from batchgen import prompts
-from batchgen.modelcache import local_model
-from batchgen.plan import Plan, input_options
-from batchgen.rows import row_dicts
+from batchgen.io.modelcache import local_model
+from batchgen.io.storage import read_rows
+from batchgen.job.plan import Plan, input_options
+from batchgen.shard import prompts
+from batchgen.shard.rows import row_dicts
 from batchgen.spec import JobSpec
-from batchgen.storage import read_rows
 
 
 def estimate_prompt_tokens(spec: JobSpec, plan: Plan, sample: int = 256) -> float:
@@ -40,12 +40,12 @@ def estimate_prompt_tokens(spec: JobSpec, plan: Plan, sample: int = 256) -> floa
 
 
 def _tokenizer(spec: JobSpec) -> Any:
-    from batchgen.modelcheck import light_tokenizer
+    from batchgen.io.modelcheck import light_tokenizer
 
     model = local_model(spec, weights=False)[0]
     tokenizer = light_tokenizer(model)
     if tokenizer is None:  # no tokenizer.json: only transformers can read it
-        from batchgen.loading import load_tokenizer as load_with_transformers
+        from batchgen.engine.loading import load_tokenizer as load_with_transformers
 
         tokenizer = load_with_transformers(model)
     return tokenizer

@@ -19,12 +19,14 @@ from typing import Any
 
 from fsspec.core import url_to_fs
 
-from batchgen import layout, prompts
+from batchgen.engine.versions import ENGINE_VERSION
 from batchgen.errors import InputError, SpecError
+from batchgen.io import layout
+from batchgen.io.storage import (
+    JSONL_SUFFIXES, Storage, file_format, open_input, read_jsonl, read_rows, storage_options
+)
+from batchgen.shard import prompts
 from batchgen.spec import InputSpec, JobSpec
-from batchgen.storage import (JSONL_SUFFIXES, Storage, file_format, open_input, read_jsonl,
-                              read_rows, storage_options)
-from batchgen.versions import ENGINE_VERSION
 
 PLAN_VERSION = 1
 # 2: whole spec sections digested (minus keys that cannot change outputs), local inputs

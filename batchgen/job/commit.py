@@ -26,13 +26,13 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from batchgen import layout
 from batchgen.errors import StorageError
-from batchgen.lock import JobLock
-from batchgen.plan import Plan, Shard
-from batchgen.progress import now_iso
+from batchgen.io import layout
+from batchgen.io.storage import Storage
+from batchgen.job.lock import JobLock
+from batchgen.job.plan import Plan, Shard
+from batchgen.job.progress import now_iso
 from batchgen.spec import JobSpec
-from batchgen.storage import Storage
 
 INDEX_EVERY_S = 60.0
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from batchgen import layout
 from batchgen.errors import StorageError
-from batchgen.storage import REDACTED, Storage, storage_options
+from batchgen.io import layout
+from batchgen.io.storage import REDACTED, Storage, storage_options
 
 # Columns `batchgen show` prints; a Parquet file without them is not batchgen's.
 SHOWN_COLUMNS = ("row_id", "sample_index", "finish_reason", "generation", "error")
@@ -132,7 +132,7 @@ def stored_spec(output: str, endpoint_url: str | None = None, overrides: list[st
 
     Credentials were redacted when it was written (by batchgen before specs refused them); they
     come from the environment again."""
-    from batchgen.specfile import apply_overrides, parse_spec
+    from batchgen.spec.load import apply_overrides, parse_spec
 
     out = _output(output, endpoint_url)
     job = _read_json(out, layout.JOB, {"spec": dict})

@@ -22,8 +22,8 @@ from pathlib import Path
 from filelock import FileLock
 
 from batchgen.errors import ModelError
+from batchgen.io.storage import storage_options
 from batchgen.spec import JobSpec, ModelSpec
-from batchgen.storage import storage_options
 
 REMOTE_SCHEMES = ("s3://", "s3a://", "gs://", "gcs://", "az://", "abfs://")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")

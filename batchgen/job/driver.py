@@ -25,14 +25,14 @@ from typing import Any
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
-from batchgen import layout
-from batchgen.commit import Committer, Task
 from batchgen.errors import BatchgenError, Cancelled, JobFailed
-from batchgen.interrupts import Interrupts
-from batchgen.lock import JobLock
-from batchgen.plan import Shard, output_storage, resolve_local_paths
-from batchgen.prepare import Job, Say, end_status, prepare, resume_command
-from batchgen.progress import Display, JobProgress
+from batchgen.io import layout
+from batchgen.job.commit import Committer, Task
+from batchgen.job.interrupts import Interrupts
+from batchgen.job.lock import JobLock
+from batchgen.job.plan import Shard, output_storage, resolve_local_paths
+from batchgen.job.prepare import Job, Say, end_status, prepare, resume_command
+from batchgen.job.progress import Display, JobProgress
 from batchgen.spec import JobSpec
 
 IN_FLIGHT_PER_REPLICA = 2
@@ -45,7 +45,9 @@ class ReplicaActor:
     """One model replica; wraps a ShardWorker."""
 
     def __init__(self, spec: dict[str, Any]):
-        from batchgen.worker import ShardWorker  # torch: in replicas only, never in the driver
+        from batchgen.shard.worker import (  # torch: in replicas only, never in the driver
+            ShardWorker
+        )
 
         self.worker = ShardWorker(JobSpec.model_validate(spec))
         context = ray.get_runtime_context()

@@ -90,7 +90,7 @@ def _compiled(kind: str, text: str, where: str) -> Constraint | str:
     from llguidance import LLMatcher
 
     if kind in ("json_schema", "json", "tool_call"):
-        from batchgen.postprocess import schema_error
+        from batchgen.shard.postprocess import schema_error
 
         problem = schema_error(json.loads(text))
         if problem:
@@ -176,7 +176,7 @@ def constraint_for(structured, tools=(), row: dict | None = None) -> Constraint 
         schema = _row_schema(column, row)
         return _checked("json_schema", _schema_text(schema), f"column {column!r}")
     if structured.tool_call:
-        from batchgen.toolschema import call_schema
+        from batchgen.spec.tools import call_schema
 
         if not tools:
             raise ConstraintError("tool_call: needs input.tools")

@@ -38,12 +38,15 @@ from typing import Any, Callable
 
 import torch
 
-from batchgen.attention import (KEY_BLOCK, KWARG, Decode, Prefill, Segment, key_length,
-                                 use_slots)
-from batchgen.graphs import StepGraphs
-from batchgen.sampling import Sampler, mark_seen, per_token, seen_from_prompts, token_logprobs
-from batchgen.slots import SlotCache
-from batchgen.structured import apply_bitmask
+from batchgen.engine.attention import (
+    KEY_BLOCK, KWARG, Decode, Prefill, Segment, key_length, use_slots
+)
+from batchgen.engine.graphs import StepGraphs
+from batchgen.engine.sampling import (
+    Sampler, mark_seen, per_token, seen_from_prompts, token_logprobs
+)
+from batchgen.engine.slots import SlotCache
+from batchgen.engine.structured import apply_bitmask
 
 PREFILL_BLOCK = 8  # prefill widths: the prompt (or suffix) length rounded up to this
 # F.linear on CPU (fp32, MKL) gives a row the same bits in any GEMM whose row count is a multiple
