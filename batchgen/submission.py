@@ -28,8 +28,8 @@ from typing import Any, Callable, Iterator
 import yaml
 
 from batchgen.errors import BatchgenError
-from batchgen.io.storage import secret_keys
 from batchgen.spec import JobSpec
+from batchgen.spec.secrets import secret_keys
 
 SPEC_ENV = "BATCHGEN_JOB_SPEC"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")

@@ -206,8 +206,8 @@ def _throughput_sides(model, tokenizer, prompts, slots, new_tokens) -> dict:
     object open that long (at least 8 cards), so every step's masks are real ones; logprobs are
     measured against that plain side (same seeds, same tokens)."""
     from batchgen.engine.engine import Request
-    from batchgen.engine.structured import constraint_for
     from batchgen.spec import GenerationSpec, StructuredSpec
+    from batchgen.spec.constraints import constraint_for
 
     qa = constraint_for(StructuredSpec(json_schema=QA_SCHEMA))
     cards = constraint_for(StructuredSpec(json_schema=CARDS_SCHEMA))
@@ -330,8 +330,9 @@ def bench_compile(name, tokenizer, vocab: int) -> dict:
     """Run before anything else touches this tokenizer's grammars, so the wrap is a first use."""
     import llguidance.hf  # noqa: F401 - the import is not the wrap's cost
 
-    from batchgen.engine.structured import Grammars, constraint_for
+    from batchgen.engine.masks import Grammars
     from batchgen.spec import StructuredSpec
+    from batchgen.spec.constraints import constraint_for
 
     with Timer() as spec_t:  # the load-time check: schema -> llguidance grammar text, validated
         constraints = {k: constraint_for(StructuredSpec(json_schema=s))

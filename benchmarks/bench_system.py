@@ -47,7 +47,7 @@ def engine_direct(spec) -> tuple[int, float, float]:
     import torch
 
     from batchgen.engine.engine import Engine, Request
-    from batchgen.io.storage import read_rows
+    from batchgen.io.inputs import read_rows
     from batchgen.job.plan import make_plan
     from batchgen.shard.prompts import render_prompts
     from batchgen.shard.rows import row_dicts as _rows

@@ -11,9 +11,11 @@ from conftest import spec_dict
 
 from batchgen.errors import BatchgenError
 from batchgen.io import layout
+from batchgen.io.inputs import Shard
+from batchgen.io.storage import output_storage
 from batchgen.job.commit import Committer, Task, load_markers
 from batchgen.job.lock import JobLock, LockLost, epoch_path
-from batchgen.job.plan import Shard, make_plan, output_storage
+from batchgen.job.plan import make_plan
 from batchgen.job.prepare import _job_doc, prepare
 from batchgen.job.status import read_status
 from batchgen.spec.load import parse_spec
@@ -252,7 +254,8 @@ def test_force_writes_nothing_until_the_model_check_passes(tmp_path, prompts_dir
 def test_a_plan_of_an_earlier_engine_resumes_only_with_force(tmp_path, prompts_dir, version):
     """Plans of fingerprint versions 1 and 2 were made by engine version 1, whose sampled text
     differs: resuming one would mix two streams, so it needs --force, and says why."""
-    from batchgen.job.plan import FINGERPRINT_VERSION, Plan, _digest, current_fingerprint
+    from batchgen.job.fingerprint import FINGERPRINT_VERSION, current_fingerprint, digest as _digest
+    from batchgen.job.plan import Plan
 
     spec, out = _completed_echo_job(tmp_path, prompts_dir, errors=0)
     old = out.read_json(layout.PLAN)

@@ -27,10 +27,10 @@ from conftest import BIN, REPO, spec_dict, tally, wait_until
 
 from batchgen.cli import main
 from batchgen.errors import JobFailed
-from batchgen.io.storage import Storage, storage_options
+from batchgen.io.storage import Storage, output_storage, storage_options
 from batchgen.job.commit import Committer, Task
 from batchgen.job.driver import run_job
-from batchgen.job.plan import Plan, make_plan, output_storage
+from batchgen.job.plan import Plan, make_plan
 from batchgen.shard.worker import ShardWorker
 from batchgen.spec.load import parse_spec
 

@@ -136,8 +136,8 @@ def test_graphed_steps_with_constraints_and_logprobs_give_the_eager_outputs(tiny
     """The constraint's bitmask is one more graph input, the logprobs more graph outputs: the
     graphed step gives the eager tokens and logprobs (constrained rows next to unconstrained
     ones, whose bitmask allows every token)."""
-    from batchgen.engine.structured import constraint_for
     from batchgen.spec import StructuredSpec
+    from batchgen.spec.constraints import constraint_for
 
     model, tok = tiny
     schema = {"type": "object", "required": ["a"], "additionalProperties": False,

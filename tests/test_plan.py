@@ -6,8 +6,9 @@ import pytest
 from conftest import prompt_table, spec_dict
 
 from batchgen.errors import InputError, SpecError
-from batchgen.io.storage import read_rows
-from batchgen.job.plan import Plan, current_fingerprint, make_plan
+from batchgen.io.inputs import read_rows
+from batchgen.job.fingerprint import current_fingerprint
+from batchgen.job.plan import Plan, make_plan
 from batchgen.spec.load import parse_spec
 
 
@@ -181,7 +182,7 @@ def test_keys_added_after_version_3_leave_the_fingerprint_of_jobs_that_do_not_us
     """A job written before structured generation, logprobs, messages and scoring existed has
     the fingerprint it had then (the sections as fingerprint version 3 digested them), so it
     still resumes."""
-    from batchgen.job.plan import LATER_KEYS, _digest
+    from batchgen.job.fingerprint import LATER_KEYS, digest as _digest
 
     spec = spec_for(prompts_dir)
     parts = make_plan(spec).fingerprint_parts
@@ -214,7 +215,7 @@ def test_scoring_changes_the_generation_part(prompts_dir):
 
 
 def test_plans_of_earlier_versions_still_match(prompts_dir):
-    from batchgen.job.plan import _digest
+    from batchgen.job.fingerprint import digest as _digest
 
     spec = spec_for(prompts_dir)
     plan = make_plan(spec)

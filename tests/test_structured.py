@@ -1,4 +1,4 @@
-"""Constrained decoding (batchgen.engine.structured) against real llguidance and the tiny model's tokenizer."""
+"""Constrained decoding (batchgen.spec.constraints, batchgen.engine.masks) against real llguidance and the tiny model's tokenizer."""
 
 from __future__ import annotations
 
@@ -12,9 +12,8 @@ import jsonschema
 import pytest
 import torch
 
-from batchgen.engine.structured import (
-    Constraint, ConstraintError, Grammars, Matchers, apply_bitmask, check_spec, constraint_for
-)
+from batchgen.engine.masks import Grammars, Matchers, apply_bitmask
+from batchgen.spec.constraints import Constraint, ConstraintError, check_spec, constraint_for
 from batchgen.spec.tools import check_tools
 
 SCHEMA = {
@@ -306,7 +305,7 @@ def test_tool_call_needs_tools():
 
 
 def test_the_spec_check_imports_no_torch():
-    code = ("import sys; from batchgen.engine.structured import check_spec; from types import "
+    code = ("import sys; from batchgen.spec.constraints import check_spec; from types import "
             "SimpleNamespace as N; check_spec(N(json_schema={'type': 'object'}, json_object=False, "
             "regex=None, choice=None, grammar=None, json_schema_column=None, tool_call=False)); "
             "assert 'torch' not in sys.modules, 'torch imported'")

@@ -14,11 +14,11 @@ import pytest
 from conftest import spec_dict
 
 from batchgen.engine.engine import Engine, Request
-from batchgen.engine.structured import constraint_for
 from batchgen.errors import SpecError
 from batchgen.job.plan import make_plan
 from batchgen.shard.worker import ShardWorker
 from batchgen.spec import ModelSpec, ResourcesSpec, StructuredSpec
+from batchgen.spec.constraints import constraint_for
 from batchgen.spec.load import parse_spec
 
 QA = {"type": "object", "required": ["question", "answer"], "additionalProperties": False,

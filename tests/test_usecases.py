@@ -208,7 +208,7 @@ def test_jsonl_input_is_planned_into_shards(tmp_path):
     plan = make_plan(spec)
     assert plan.total_rows == 50 and len(plan.shards) == 6
     assert [s.row_count for s in plan.shards] == [10, 10, 5, 10, 10, 5]
-    from batchgen.io.storage import read_rows
+    from batchgen.io.inputs import read_rows
 
     rows = read_rows(plan.shards[1].file, 10, 10, ["id", "prompt"], {}).to_pylist()
     assert rows[0] == {"id": "s010", "prompt": "The 10"} and len(rows) == 10

@@ -42,11 +42,11 @@ from batchgen.engine.attention import (
     KEY_BLOCK, KWARG, Decode, Prefill, Segment, key_length, use_slots
 )
 from batchgen.engine.graphs import StepGraphs
+from batchgen.engine.masks import apply_bitmask
 from batchgen.engine.sampling import (
     Sampler, mark_seen, per_token, seen_from_prompts, token_logprobs
 )
 from batchgen.engine.slots import SlotCache
-from batchgen.engine.structured import apply_bitmask
 
 PREFILL_BLOCK = 8  # prefill widths: the prompt (or suffix) length rounded up to this
 # F.linear on CPU (fp32, MKL) gives a row the same bits in any GEMM whose row count is a multiple

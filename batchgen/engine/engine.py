@@ -38,9 +38,7 @@ from batchgen.engine.completions import (
 from batchgen.engine.decoder import NonFiniteLogits, SlotDecoder
 from batchgen.engine.hfdecode import HFDecoder
 from batchgen.engine.loading import load_model
-from batchgen.engine.versions import (  # noqa: F401 - re-exported: the engine's version
-    ENGINE_VERSION
-)
+from batchgen.engine.versions import ENGINE_VERSION
 from batchgen.io.modelcheck import context_length, input_budget
 from batchgen.spec import GenerationSpec, ModelSpec, ResourcesSpec
 
@@ -203,7 +201,7 @@ class Engine:
 
     def _grammar_set(self):
         if self._grammars is None:
-            from batchgen.engine.structured import Grammars
+            from batchgen.engine.masks import Grammars
 
             self._grammars = Grammars(self.tokenizer, self.model.get_output_embeddings().weight
                                       .shape[0], self.tokenizer.eos_token_id)
@@ -213,7 +211,7 @@ class Engine:
         """One constraint matcher per request of a run, or None when none is constrained."""
         if all(r.constraint is None for r in requests):
             return None
-        from batchgen.engine.structured import Matchers
+        from batchgen.engine.masks import Matchers
 
         return Matchers(self._grammar_set(), [r.constraint for r in requests], self._gate,
                         [r.prompt_ids for r in requests])

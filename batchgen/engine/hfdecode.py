@@ -17,10 +17,10 @@ import torch.nn.functional as F
 
 from batchgen.engine.attention import use_own
 from batchgen.engine.decoder import check_finite
+from batchgen.engine.masks import apply_bitmask
 from batchgen.engine.sampling import (
     Sampler, mark_seen, per_token, seen_from_prompts, token_logprobs
 )
-from batchgen.engine.structured import apply_bitmask
 
 PREFILL_FILL = 0.9  # least share of real tokens among the prompt positions of a prefill group
 

@@ -36,41 +36,6 @@ def storage_options(url: str, endpoint_url: str | None = None, extra: dict | Non
     return options
 
 
-_SECRET_WORDS = ("key", "secret", "token", "password", "credential", "session")
-# Names with a secret word that name no secret: the KMS key id of server-side encryption, the
-# checksum of a customer key (the key itself, SSECustomerKey, is a secret).
-_NOT_SECRETS = ("ssekmskeyid", "sse_kms_key_id", "ssecustomerkeymd5")
-REDACTED = "<redacted>"
-
-
-def _is_secret(key: Any, value: Any) -> bool:
-    name = str(key).lower()
-    # A yes/no or a number is a setting (BucketKeyEnabled: true), never a credential.
-    return (any(w in name for w in _SECRET_WORDS) and name not in _NOT_SECRETS
-            and not isinstance(value, (dict, list, bool, int, float)) and value is not None)
-
-
-def redact(options: Any) -> Any:
-    """Storage options with anything that looks like a credential replaced."""
-    if isinstance(options, dict):
-        return {k: REDACTED if _is_secret(k, v) else redact(v) for k, v in options.items()}
-    if isinstance(options, list):
-        return [redact(v) for v in options]
-    return options
-
-
-def secret_keys(options: Any, prefix: str) -> list[str]:
-    """Dotted names of the values ``redact`` would replace, e.g. ``prefix.client_kwargs.secret``."""
-    found = []
-    if isinstance(options, dict):
-        for k, v in options.items():
-            found += [f"{prefix}.{k}"] if _is_secret(k, v) else secret_keys(v, f"{prefix}.{k}")
-    elif isinstance(options, list):
-        for i, v in enumerate(options):
-            found += secret_keys(v, f"{prefix}.{i}")
-    return found
-
-
 def _protocol(url: str) -> str:
     return url.split("://", 1)[0] if "://" in url else "file"
 
@@ -222,53 +187,12 @@ def _local_temp(target: str, data: bytes) -> str:
     return tmp
 
 
-# -- Parquet input ---------------------------------------------------------------------------
+def output_storage(spec) -> Storage:
+    """The job's output folder (``output.path``) with the spec's storage options."""
+    return Storage(spec.output.path,
+                   storage_options(spec.output.path, spec.storage.endpoint_url, spec.storage.options))
 
 
-def open_input(url: str, options: dict):
-    fs, path = url_to_fs(url, **options)
-    return fs.open(path, "rb")
-
-
-JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
-
-
-def file_format(url: str, declared: str = "auto") -> str:
-    """'parquet' or 'jsonl' for an input file: as declared, else by its extension."""
-    if declared != "auto":
-        return declared
-    return "jsonl" if url.lower().endswith(JSONL_SUFFIXES) else "parquet"
-
-
-def read_jsonl(url: str, options: dict):
-    """A whole JSON Lines file as a table (one object per line; types inferred per file)."""
-    import pyarrow.json as pj
-
-    with open_input(url, options) as f:
-        return pj.read_json(f, read_options=pj.ReadOptions(use_threads=False))
-
-
-def read_rows(url: str, row_start: int, row_count: int, columns: list[str], options: dict,
-              fmt: str = "auto"):
-    """Rows ``[row_start, row_start + row_count)`` of an input file. For Parquet only the row
-    groups that overlap them are read; a JSON Lines file is read whole and sliced."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    if file_format(url, fmt) == "jsonl":
-        table = read_jsonl(url, options)
-        return table.select(columns).slice(row_start, row_count) if columns else table.slice(
-            row_start, row_count)
-    with open_input(url, options) as f:
-        pf = pq.ParquetFile(f)
-        groups, first_row, offset = [], None, 0
-        for i in range(pf.metadata.num_row_groups):
-            n = pf.metadata.row_group(i).num_rows
-            if offset + n > row_start and offset < row_start + row_count:
-                groups.append(i)
-                first_row = offset if first_row is None else first_row
-            offset += n
-        if not groups:
-            return pa.table({c: pa.array([], pf.schema_arrow.field(c).type) for c in columns})
-        table = pf.read_row_groups(groups, columns=columns or None, use_threads=False)
-    return table.slice(row_start - first_row, row_count)
+def input_options(spec) -> dict:
+    """fsspec options for the job's input (``input.path``)."""
+    return storage_options(spec.input.path, spec.storage.endpoint_url, spec.storage.options)

@@ -28,9 +28,10 @@ from typing import Any
 
 from batchgen.errors import StorageError
 from batchgen.io import layout
+from batchgen.io.inputs import Shard
 from batchgen.io.storage import Storage
 from batchgen.job.lock import JobLock
-from batchgen.job.plan import Plan, Shard
+from batchgen.job.plan import Plan
 from batchgen.job.progress import now_iso
 from batchgen.spec import JobSpec
 

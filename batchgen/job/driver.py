@@ -27,10 +27,12 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
 from batchgen.errors import BatchgenError, Cancelled, JobFailed
 from batchgen.io import layout
+from batchgen.io.inputs import Shard
+from batchgen.io.storage import output_storage
 from batchgen.job.commit import Committer, Task
 from batchgen.job.interrupts import Interrupts
 from batchgen.job.lock import JobLock
-from batchgen.job.plan import Shard, output_storage, resolve_local_paths
+from batchgen.job.plan import resolve_local_paths
 from batchgen.job.prepare import Job, Say, end_status, prepare, resume_command
 from batchgen.job.progress import Display, JobProgress
 from batchgen.spec import JobSpec
@@ -45,9 +47,7 @@ class ReplicaActor:
     """One model replica; wraps a ShardWorker."""
 
     def __init__(self, spec: dict[str, Any]):
-        from batchgen.shard.worker import (  # torch: in replicas only, never in the driver
-            ShardWorker
-        )
+        from batchgen.shard.worker import ShardWorker
 
         self.worker = ShardWorker(JobSpec.model_validate(spec))
         context = ray.get_runtime_context()

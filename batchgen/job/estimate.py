@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from batchgen.io.inputs import read_rows
 from batchgen.io.modelcache import local_model
-from batchgen.io.storage import read_rows
-from batchgen.job.plan import Plan, input_options
+from batchgen.io.storage import input_options
+from batchgen.job.plan import Plan
 from batchgen.shard import prompts
 from batchgen.shard.rows import row_dicts
 from batchgen.spec import JobSpec

@@ -1,15 +1,14 @@
-"""Shard planning from Parquet footers alone, and the job fingerprint.
+"""Shard planning from Parquet footers alone.
 
 A plan is computed once, before any generation, and stored as ``<output>/plan.json``; a resumed
 job reads it back and never re-plans, so shard ids and derived row ids stay stable. Shards are row
 ranges inside one file: ``(shard_id, file, row_start, row_count)`` with zero-padded ids, plus the
 shard's first global row index, from which row ids are derived when the input has no id column.
+The plan carries the job's fingerprint (``fingerprint``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import posixpath
 import re
@@ -17,58 +16,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from fsspec.core import url_to_fs
-
-from batchgen.engine.versions import ENGINE_VERSION
 from batchgen.errors import InputError, SpecError
 from batchgen.io import layout
-from batchgen.io.storage import (
-    JSONL_SUFFIXES, Storage, file_format, open_input, read_jsonl, read_rows, storage_options
+from batchgen.io.inputs import (
+    GLOB_CHARS, InputFile, Shard, hidden, list_input_files, read_rows, read_schema
 )
+from batchgen.io.storage import input_options
+from batchgen.job.fingerprint import FINGERPRINT_VERSION, digest, fingerprint_parts
 from batchgen.shard import prompts
 from batchgen.spec import InputSpec, JobSpec
 
 PLAN_VERSION = 1
-# 2: whole spec sections digested (minus keys that cannot change outputs), local inputs
-# identified by content, local paths resolved. Plans without the field were written with 1.
-# 3: the engine's version (``versions.ENGINE_VERSION``) is a part; plans of 1 and 2 were made by
-# engine version 1.
-FINGERPRINT_VERSION = 3
-_GLOB_CHARS = set("*?[")
-
-# Keys of output-changing sections that do not change any output row: where the model is cached,
-# where outputs go, how files are compressed. Everything else in input, model, generation and
-# output is digested, so a new key is covered by default.
-NOT_OUTPUT_KEYS = {
-    "input": {"path"},  # the files it names are digested one by one instead
-    "model": {"cache_dir"},
-    "output": {"path", "compression"},
-}
-# Keys added after fingerprint version 3, with the value that leaves outputs as they were: left
-# out of the digest at that value, so a job that does not use them keeps its fingerprint (and
-# resumes); digested like any other key once set.
-LATER_KEYS = {
-    "input": {"messages_column": None, "tools": [], "chat_template_kwargs": {},
-              "completion_column": None},
-    "generation": {"structured": None, "logprobs": None, "reasoning_end": None},
-}
-
-
-@dataclass(frozen=True)
-class InputFile:
-    url: str
-    size: int
-    etag: str
-    rows: int
-
-
-@dataclass(frozen=True)
-class Shard:
-    shard_id: str
-    file: str
-    row_start: int
-    row_count: int
-    row_offset: int  # global index of the shard's first row across all input files
 
 
 @dataclass(frozen=True)
@@ -106,17 +64,6 @@ class Plan:
         )
 
 
-def output_storage(spec: JobSpec) -> Storage:
-    return Storage(
-        spec.output.path,
-        storage_options(spec.output.path, spec.storage.endpoint_url, spec.storage.options),
-    )
-
-
-def input_options(spec: JobSpec) -> dict:
-    return storage_options(spec.input.path, spec.storage.endpoint_url, spec.storage.options)
-
-
 def make_plan(spec: JobSpec) -> Plan:
     """List the input, read every file's footer (no row data), check columns, cut shards."""
     check_output_outside_input(spec)
@@ -126,7 +73,7 @@ def make_plan(spec: JobSpec) -> Plan:
 
     def footer(entry: tuple[str, int, str]) -> InputFile:
         url, size, etag = entry
-        return InputFile(url, size, etag, _footer_rows(url, options, needed, spec.input))
+        return InputFile(url, size, etag, _checked_rows(url, options, needed, spec.input))
 
     with ThreadPoolExecutor(max_workers=16) as pool:
         files = tuple(pool.map(footer, listed))
@@ -144,70 +91,7 @@ def make_plan(spec: JobSpec) -> Plan:
         for i, (url, start, count, row_offset) in enumerate(ranges)
     )
     parts = fingerprint_parts(spec, files)
-    return Plan(_digest(parts), parts, files, shards)
-
-
-def current_fingerprint(spec: JobSpec, version: int = FINGERPRINT_VERSION,
-                        as_given: JobSpec | None = None) -> tuple[str, dict[str, str]]:
-    """The job's fingerprint as its input stands now, from one listing (and, for local
-    Parquet files, one footer read each): what a resume compares with the stored plan,
-    without re-planning. ``version`` 1 reproduces what earlier batchgen versions stored, from
-    the spec as the user spelled it (``as_given``), so their jobs still resume."""
-    prompts.needed_columns(spec.input)  # the template is still checked before any work
-    if version == 1:
-        legacy = as_given or spec
-        listed = list_input_files(legacy.input.path, input_options(legacy), legacy.input.format,
-                                  by_content=False)
-        parts = _legacy_parts(legacy, tuple(InputFile(u, size, etag, 0) for u, size, etag in listed))
-    else:
-        listed = list_input_files(spec.input.path, input_options(spec), spec.input.format)
-        parts = fingerprint_parts(spec, tuple(InputFile(u, size, etag, 0) for u, size, etag in listed))
-        if version == 2:  # before the engine's version was a part
-            del parts["engine"]
-    return _digest(parts), parts
-
-
-def fingerprint_parts(spec: JobSpec, files: tuple[InputFile, ...]) -> dict[str, str]:
-    """One digest per thing that changes outputs, so a mismatch can say which changed."""
-    def section(name: str) -> dict[str, Any]:
-        doc = getattr(spec, name).model_dump(mode="json")
-        later = LATER_KEYS.get(name, {})
-        return {k: v for k, v in doc.items() if k not in NOT_OUTPUT_KEYS.get(name, ())
-                and not (k in later and v == later[k])}
-
-    return {
-        "input": _digest([(f.url, f.size, f.etag) for f in files]),
-        "model": _digest(section("model")),
-        "prompt": _digest(section("input")),
-        "generation": _digest(section("generation") | (
-            {"mode": spec.mode} if spec.mode != "generate" else {})),
-        "output": _digest(section("output")),
-        "engine": engine_part(spec),
-    }
-
-
-def engine_part(spec: JobSpec) -> str:
-    """The engine's version, and with generation.structured the grammar engine's: another
-    llguidance may mask differently, so constrained text from two of them is never mixed."""
-    if spec.generation.structured is None:
-        return str(ENGINE_VERSION)
-    from importlib.metadata import version
-
-    return f"{ENGINE_VERSION}+llguidance-{version('llguidance')}"
-
-
-def _legacy_parts(spec: JobSpec, files: tuple[InputFile, ...]) -> dict[str, str]:
-    """Fingerprint version 1, as batchgen wrote it before version 2 (kept to resume old jobs)."""
-    m, g, i = spec.model, spec.generation, spec.input
-    return {
-        "input": _digest([(f.url, f.size, f.etag) for f in files]),
-        "model": _digest([m.path, m.revision, m.dtype, m.max_input_tokens, m.truncation]
-                         + ([m.engine] if m.engine != "transformers" else [])),
-        "prompt": _digest(
-            [i.prompt_column, i.template, i.chat, i.system_prompt, i.id_column, list(i.columns)]
-        ),
-        "generation": _digest(g.model_dump(mode="json")),
-    }
+    return Plan(digest(parts), parts, files, shards)
 
 
 def resolve_local_paths(spec: JobSpec) -> JobSpec:
@@ -234,11 +118,11 @@ def check_output_outside_input(spec: JobSpec) -> None:
     next run (and then refuses to resume: "changed: input"). Checked when a job is planned."""
     resolved = resolve_local_paths(spec)
     inp, out = resolved.input.path.rstrip("/"), resolved.output.path.rstrip("/")
-    if set(inp) & _GLOB_CHARS:
+    if set(inp) & GLOB_CHARS:
         listed = re.fullmatch(_glob_regex(inp), f"{out}/{layout.data_path('000000')}") is not None
     else:  # a directory is listed recursively, skipping _hidden and .hidden folders
         inside = (out + "/").startswith(inp + "/")
-        listed = inside and not _hidden(posixpath.relpath(out, inp) if out != inp else "")
+        listed = inside and not hidden(posixpath.relpath(out, inp) if out != inp else "")
     if listed:
         raise SpecError(f"output.path {spec.output.path} is inside input.path {spec.input.path}: "
                         "its outputs would become inputs of the next run; write the output "
@@ -272,109 +156,10 @@ def _glob_regex(pattern: str) -> str:
     return "".join(parts)
 
 
-def _digest(value: Any) -> str:
-    blob = json.dumps(value, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def list_input_files(path: str, options: dict, fmt: str = "auto", *,
-                     by_content: bool = True) -> list[tuple[str, int, str]]:
-    """``(url, size, identity)`` of every input file the input path names, sorted by URL. The
-    identity is the ETag on object stores; a local file's modification time says nothing about
-    its content (a fresh checkout, a ``cp``, a ``touch``), so local files are identified by
-    content: a digest of the Parquet footer, or of the whole file for JSON Lines.
-
-    Directories are searched recursively; files and folders whose names start with ``_`` or
-    ``.`` are skipped (the Hive/Spark convention), so the output folder of an earlier batchgen
-    job can be an input without its staging files.
-    """
-    try:
-        fs, root = url_to_fs(path, **options)
-        if set(root) & _GLOB_CHARS:
-            infos = [i for i in fs.glob(root, detail=True).values() if i["type"] != "directory"]
-            if not infos:
-                raise InputError(f"input.path {path}: the glob matches no files")
-        elif fs.isdir(root):
-            # (Not *.json by default: a batchgen output holds job.json, plan.json...)
-            suffixes = {"parquet": (".parquet",), "jsonl": JSONL_SUFFIXES}.get(
-                fmt, (".parquet", ".jsonl", ".ndjson"))
-            infos = [
-                i
-                for p, i in fs.find(root, detail=True).items()
-                if p.lower().endswith(suffixes) and not _hidden(posixpath.relpath(p, root))
-            ]
-            if not infos:
-                raise InputError(
-                    f"input.path {path}: the directory holds no {'/'.join('*' + x for x in suffixes)} files")
-        elif fs.isfile(root):
-            infos = [fs.info(root)]
-        else:
-            raise InputError(f"input.path {path}: no such file or directory")
-    except InputError:
-        raise
-    except (OSError, ValueError) as e:
-        raise InputError(f"input.path {path}: cannot list it: {e}") from None
-    odd = [i["name"] for i in infos if i.get("type") not in ("file", None)]
-    if odd:  # a FIFO or device would block the footer read forever
-        raise InputError(f"input.path {path}: {odd[0]} is not a regular file; remove it or "
-                         "name the input files with a glob")
-    local = not ("://" in path and not path.startswith("file://"))
-    result = []
-    for info in infos:
-        url = fs.unstrip_protocol(info["name"]) if "://" in path else info["name"]
-        if local and by_content:
-            etag = _content_identity(info["name"], int(info.get("size") or 0), file_format(url, fmt))
-        else:
-            etag = str(info.get("ETag") or info.get("etag") or info.get("mtime") or "")
-        result.append((url, int(info.get("size") or 0), etag.strip('"')))
-    return sorted(result)
-
-
-def _content_identity(path: str, size: int, fmt: str) -> str:
-    """A digest of what a local file holds: the Parquet footer (schema, row groups, their
-    offsets and statistics; read with one seek) or a whole JSON Lines file."""
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            if fmt == "parquet" and size >= 12:
-                f.seek(size - 8)
-                tail = f.read(8)
-                footer_len = int.from_bytes(tail[:4], "little")
-                if tail[4:] == b"PAR1" and footer_len + 8 <= size:
-                    f.seek(size - 8 - footer_len)
-                    digest.update(f.read(footer_len))
-                    return f"footer:{digest.hexdigest()[:32]}"
-                f.seek(0)
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    except OSError as e:
-        raise InputError(f"{path}: cannot read it: {e.strerror or e}") from None
-    return f"sha256:{digest.hexdigest()[:32]}"
-
-
-def _hidden(rel: str) -> bool:
-    return any(part.startswith(("_", ".")) for part in rel.split("/"))
-
-
-def _footer_rows(url: str, options: dict, needed: list[str], inp: InputSpec) -> int:
-    """Row count and a check of the columns the spec names and their types: from the footer
-    for Parquet; a JSON Lines file has no footer, so it is read (seed datasets are small)."""
-    import pyarrow.parquet as pq
-
-    if file_format(url, inp.format) == "jsonl":
-        try:
-            table = read_jsonl(url, options)
-        except Exception as e:  # noqa: BLE001
-            raise InputError(f"{url}: not a readable JSON Lines file (one object per line): "
-                             f"{str(e).splitlines()[0]}") from None
-        schema, rows = table.schema, table.num_rows
-    else:
-        try:
-            with open_input(url, options) as f:
-                pf = pq.ParquetFile(f)
-                schema, rows = pf.schema_arrow, pf.metadata.num_rows
-        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for bad files
-            raise InputError(f"{url}: not a readable Parquet file: {e}") from None
+def _checked_rows(url: str, options: dict, needed: list[str], inp: InputSpec) -> int:
+    """Row count of one input file, after a check of the columns the spec names and their
+    types, from the footer (Parquet) or the file (JSON Lines)."""
+    schema, rows = read_schema(url, options, inp.format)
     names = set(schema.names)
     missing = [c for c in needed if c not in names]
     if missing:

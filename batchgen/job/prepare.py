@@ -13,14 +13,14 @@ from batchgen.errors import BatchgenError, StorageError
 from batchgen.io import layout
 from batchgen.io.modelcache import local_model
 from batchgen.io.modelcheck import check_model
-from batchgen.io.storage import Storage, redact
+from batchgen.io.storage import Storage
 from batchgen.job.commit import Committer, Task, load_markers
+from batchgen.job.fingerprint import FINGERPRINT_VERSION, current_fingerprint
 from batchgen.job.lock import JobLock
-from batchgen.job.plan import (
-    FINGERPRINT_VERSION, Plan, check_unique_ids, current_fingerprint, make_plan
-)
+from batchgen.job.plan import Plan, check_unique_ids, make_plan
 from batchgen.job.progress import JobProgress, now_iso
 from batchgen.spec import JobSpec
+from batchgen.spec.secrets import redact
 
 Say = Callable[[str], None]
 

@@ -13,7 +13,8 @@ from typing import Any
 
 from batchgen.errors import StorageError
 from batchgen.io import layout
-from batchgen.io.storage import REDACTED, Storage, storage_options
+from batchgen.io.storage import Storage, storage_options
+from batchgen.spec.secrets import REDACTED
 
 # Columns `batchgen show` prints; a Parquet file without them is not batchgen's.
 SHOWN_COLUMNS = ("row_id", "sample_index", "finish_reason", "generation", "error")

@@ -28,17 +28,6 @@ def first_json_object(text: str | None) -> tuple[str | None, str | None]:
     return None, last_error
 
 
-def schema_error(schema: Any) -> str | None:
-    """Why ``schema`` is not a valid JSON Schema (its metaschema's message), or None."""
-    from jsonschema import SchemaError, validators
-
-    try:
-        validators.validator_for(schema).check_schema(schema)
-    except SchemaError as e:
-        return e.message
-    return None
-
-
 @lru_cache(maxsize=32)
 def schema_validator(schema_json: str):
     """A validator for the JSON Schema in ``schema_json`` (canonical JSON text: the cache key)."""

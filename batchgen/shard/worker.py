@@ -26,9 +26,9 @@ from batchgen.engine.engine import Engine, PromptTooLong, Request, ScoreRequest,
 from batchgen.engine.versions import ENGINE_VERSION
 from batchgen.errors import ShardError, SpecError
 from batchgen.io import layout
+from batchgen.io.inputs import Shard, read_rows
 from batchgen.io.modelcache import local_model
-from batchgen.io.storage import read_rows
-from batchgen.job.plan import Shard, input_options, output_storage
+from batchgen.io.storage import input_options, output_storage
 from batchgen.shard import longdocs, prompts
 from batchgen.shard.rows import (
     assemble, assemble_scores, output_fields, row_dicts, row_seed, verify_one_to_one,
@@ -247,7 +247,7 @@ class ShardWorker:
         ok = [k for k in range(len(rows)) if errors[k] is None]
         if self.constraint is not None:  # the same for every row
             return dict.fromkeys(ok, self.constraint)
-        from batchgen.engine.structured import ConstraintError, constraint_for
+        from batchgen.spec.constraints import ConstraintError, constraint_for
 
         out = {}
         for k in ok:
@@ -265,7 +265,7 @@ class ShardWorker:
         s = self.spec.generation.structured
         if s is None or s.json_schema_column is not None:
             return None
-        from batchgen.engine.structured import ConstraintError, constraint_for
+        from batchgen.spec.constraints import ConstraintError, constraint_for
 
         try:
             constraint = constraint_for(s, self.spec.input.tools)

@@ -7,11 +7,13 @@ a bad spec fails before any work starts); errors name the file and the dotted ke
 nothing of batchgen but ``errors``; no torch, no storage.
 """
 
-from batchgen.spec.load import apply_overrides, load_spec, parse_spec
-from batchgen.spec.sections import (
-    MAX_LOGPROBS, OUTPUT_COLUMNS, Example, GenerationSpec, InputSpec, JobSpec, ModelSpec,
-    OutputSpec, ResourcesSpec, StorageSpec, StructuredSpec
-)
+from batchgen.spec.generation import MAX_LOGPROBS, GenerationSpec, StructuredSpec
+from batchgen.spec.input import Example, InputSpec
+from batchgen.spec.job import JobSpec
+from batchgen.spec.load import apply_overrides, load_spec, parse_spec  # noqa: E402 - needs JobSpec
+from batchgen.spec.model import ModelSpec
+from batchgen.spec.output import OUTPUT_COLUMNS, OutputSpec
+from batchgen.spec.resources import ResourcesSpec, StorageSpec
 
 __all__ = [
     "MAX_LOGPROBS", "OUTPUT_COLUMNS", "Example", "GenerationSpec", "InputSpec", "JobSpec",

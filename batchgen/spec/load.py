@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from batchgen.errors import SpecError
-from batchgen.spec.sections import JobSpec
+from batchgen.spec.job import JobSpec
 
 # A job spec is a few hundred YAML nodes. An alias bomb ("billion laughs": nested anchors, each
 # alias repeating the one before) is a few hundred bytes that expand to billions of nodes once

@@ -15,7 +15,7 @@ _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 def check_tools(tools: tuple[dict[str, Any], ...], key: str) -> tuple[dict[str, Any], ...]:
     """The tools in the OpenAI form; raises ValueError naming ``key[i]`` and what is wrong."""
-    from batchgen.shard.postprocess import schema_error
+    from batchgen.spec.schemas import schema_error
 
     out, names = [], set()
     for i, tool in enumerate(tools):
