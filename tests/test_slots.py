@@ -451,7 +451,7 @@ def test_decode_step_traces_with_fullgraph(arch):
     positions = torch.tensor(positions)
 
     def step(ids, positions, handle):
-        return decoder._logits(decoder._hidden(ids, positions[:, None], handle)[:, -1])
+        return decoder.logits(decoder._hidden(ids, positions[:, None], handle)[:, -1])
 
     def snapshot():
         return {i: (k.clone(), cache.values[i].clone()) for i, k in cache.keys.items()}

@@ -17,10 +17,10 @@ from typing import Any
 
 _PUBLIC = {
     "Engine": "engine", "load_engine": "engine",
-    "EchoEngine": "engine",
+    "EchoEngine": "echo",
     "Request": "completions", "Completion": "completions", "ScoreRequest": "completions",
     "Score": "completions", "TokenLogprob": "completions", "EngineStats": "completions",
-    "PromptTooLong": "engine",
+    "PromptTooLong": "completions",
     "ENGINE_VERSION": "versions",
 }
 

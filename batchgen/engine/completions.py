@@ -7,6 +7,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+class PromptTooLong(ValueError):
+    """The prompt is longer than model.max_input_tokens and truncation is 'error'."""
+
+
 @dataclass(frozen=True)
 class Request:
     prompt_ids: tuple[int, ...]

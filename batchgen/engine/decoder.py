@@ -180,7 +180,7 @@ class SlotDecoder:
         max_new = self.gen.max_new_tokens
         # Every prefill (the prefix's in the scratch slot too) and every decode key length
         # (``key_length``, one past the last token) fits.
-        self._hold([max(sum(self.shape(p)), len(p) + max_new + 1) for p in groups],
+        self.hold([max(sum(self.shape(p)), len(p) + max_new + 1) for p in groups],
                    max(len(g) for g in groups.values()))
         self.requests = requests
         self.queue = deque(groups.items())
@@ -214,48 +214,6 @@ class SlotDecoder:
             out[r.index] = (r.tokens, r.reason, r.logprobs)
         return out
 
-    @torch.inference_mode()
-    def score(self, items: list[tuple[tuple[int, ...], tuple[int, ...]]], top: int | None = None
-              ) -> list[list[tuple[float, list[int], list[float]]]]:
-        """Teacher-forced log-likelihood: for each (prompt, completion), per completion token
-        (its logprob given the prompt and the completion before it, its ``top`` likeliest
-        alternatives' ids and logprobs). Prefilled like prompts (the job prefix's keys shared, packed
-        forwards under the token budget); no decode steps."""
-        if not items:
-            return []
-        use_slots(self.model)
-        seqs = [(tuple(p) + tuple(c[:-1]), len(p)) for p, c in items]
-        shapes = [self._score_shape(seq, n) for seq, n in seqs]
-        self._hold([sum(shape) for shape in shapes], 1)
-        out: list = [None] * len(items)
-        order = sorted(range(len(items)), key=lambda i: (shapes[i], i))
-        while order:
-            chunk, tokens = [], 0
-            while order and len(chunk) < self.cache.free and (
-                    not chunk or tokens + shapes[order[0]][1] <= self.max_batch_tokens):
-                chunk.append(order.pop(0))
-                tokens += shapes[chunk[-1]][1]
-            slots = [self.cache.take() for _ in chunk]
-            hidden, starts = self._forward([(shapes[i], seqs[i][0], slot)
-                                            for i, slot in zip(chunk, slots)])
-            for i, at in zip(chunk, starts):
-                offset = shapes[i][0]
-                first = at + seqs[i][1] - offset - 1  # the prompt's last position
-                completion = items[i][1]
-                at_rows = torch.arange(first, first + len(completion), device=self.device)
-                targets = torch.tensor(completion, dtype=torch.long, device=self.device)
-                logits = check_finite(self._logits(hidden[at_rows]))
-                out[i] = per_token(*token_logprobs(logits, targets, top or 0))
-            for slot in slots:
-                self.cache.release(slot)
-        return out
-
-    def _score_shape(self, seq: tuple[int, ...], prompt_len: int) -> tuple[int, int]:
-        """(split, width) of a scored sequence: the prefix split is the prompt's (the first
-        scored position, the prompt's last token, is never inside the prefix)."""
-        s = self.split(seq[:prompt_len])
-        return s, round_up(len(seq) - s, PREFILL_BLOCK)
-
     def _read_all(self, pending: list) -> list:
         for rows, host, ready in pending:
             if ready is not None:
@@ -263,7 +221,7 @@ class SlotDecoder:
             self._read(rows, host)
         return []
 
-    def _hold(self, lengths: list[int], least: int) -> None:
+    def hold(self, lengths: list[int], least: int) -> None:
         """Take the kept device state, or make a new one, with room for keys of ``lengths``
         (and the prefix's prefill) in at least ``least`` slots; every slot free."""
         capacity = round_up(max(round_up(len(self.prefix), PREFILL_BLOCK), *lengths), KEY_BLOCK)
@@ -328,7 +286,7 @@ class SlotDecoder:
         self.live.extend(r for _, rows in admitted for r in rows)
         return results
 
-    def _forward(self, items) -> tuple[torch.Tensor, list[int]]:
+    def forward(self, items) -> tuple[torch.Tensor, list[int]]:
         """One packed forward of ``items`` ((offset, width), tokens, slot): each item's tokens
         after ``offset`` (the prefix's keys are loaded into its slot) in a segment of
         ``width``. Returns the hidden states [total, hidden] and where each item starts."""
@@ -359,11 +317,11 @@ class SlotDecoder:
     def _prefill(self, items):
         """Prefill ``items`` ((offset, width), prompt, rows) in one forward, packed."""
         dev = self.device
-        hidden, starts = self._forward([(shape, prompt, rows[0].slot)
+        hidden, starts = self.forward([(shape, prompt, rows[0].slot)
                                         for shape, prompt, rows in items])
         last = [at + len(prompt) - offset - 1
                 for at, ((offset, _), prompt, _) in zip(starts, items)]
-        logits = self._logits(hidden[torch.tensor(last, device=dev)])
+        logits = self.logits(hidden[torch.tensor(last, device=dev)])
         # Fork: the prompt's keys into its other samples' slots; every sample draws its first
         # token from the shared logits with its own seed.
         children, which = [], []
@@ -514,7 +472,7 @@ class SlotDecoder:
         self.layers_seen |= step.layers_seen
         return out[0]
 
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head over a multiple of MIN_ROWS rows (bitwise stable per row), float32."""
         n = hidden.shape[0]
         if n % MIN_ROWS:

@@ -13,98 +13,43 @@ Two paths decode (chosen once per model by the load-time ``probe``):
   from length-sorted requests, for models the slot path cannot serve.
 
 Both sample with ``sampling.Sampler``: noise is a pure function of (seed, step, token).
-``ENGINE_VERSION`` names the streams this engine produces; it is part of every job's fingerprint
-and done markers, so a resume never mixes the outputs of two versions.
+Scoring (``scoring``) prefills prompt + completion on either path. ``versions.ENGINE_VERSION``
+names the streams this engine produces; it is part of every job's fingerprint and done markers,
+so a resume never mixes the outputs of two versions.
 
-Back-off: a batch that runs out of memory, or whose logits turn NaN/+inf (fp16 overflow), is
-split in halves and each half retried; a single request that still fails is retried once with the
-weights in float32 (non-finite logits only), else returned as an error completion. Per-request
-seeds make the split invisible in the outputs.
+Back-off (``backoff``): a batch that runs out of memory, or whose logits turn NaN/+inf, is split
+in halves; a single request that still fails is retried once with the weights in float32
+(non-finite logits only), else returned as an error completion.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 
 from batchgen.engine import probe
+from batchgen.engine.backoff import failure, free_memory, in_float32, run_or_split
 from batchgen.engine.completions import (
-    Completion, EngineStats, Request, Score, ScoreRequest, TokenLogprob
+    Completion, EngineStats, PromptTooLong, Request, Score, ScoreRequest, TokenLogprob
 )
 from batchgen.engine.decoder import NonFiniteLogits, SlotDecoder
+from batchgen.engine.echo import EchoEngine
 from batchgen.engine.hfdecode import HFDecoder
 from batchgen.engine.loading import load_model
-from batchgen.engine.versions import ENGINE_VERSION
+from batchgen.engine.scoring import score_hf, score_slots
 from batchgen.io.modelcheck import context_length, input_budget
 from batchgen.spec import GenerationSpec, ModelSpec, ResourcesSpec
 
 log = logging.getLogger("batchgen.engine")
 
 
-def _is_oom(e: BaseException) -> bool:
-    if isinstance(e, torch.OutOfMemoryError):
-        return True
-    text = str(e).lower()
-    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
-def _free_memory() -> None:
-    import gc
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-class PromptTooLong(ValueError):
-    """The prompt is longer than model.max_input_tokens and truncation is 'error'."""
-
-
 def load_engine(model: ModelSpec, generation: GenerationSpec, resources: ResourcesSpec):
     if model.engine == "echo":
         return EchoEngine(generation, model.max_input_tokens)
     return Engine.load(model, generation, resources)
-
-
-class EchoEngine:
-    """No model: each request gets the fixed text ``[echo]``, one token, finish_reason 'stop'.
-    Prompts are "tokenized" by whitespace so budgets and counts still mean something."""
-
-    TEXT = "[echo]"
-
-    def __init__(self, generation: GenerationSpec, max_input_tokens: int | None = None):
-        self.gen = generation
-        self.tokenizer = None
-        self.max_input_tokens = max_input_tokens
-        self.truncation = "left"
-        self.stats = EngineStats()
-
-    def tokenize(self, texts: list[str], *, chat: bool = False) -> list[list[int]]:
-        return [list(range(len(t.split()))) for t in texts]
-
-    def tokenize_continuation(self, texts: list[str]) -> list[list[int]]:
-        return self.tokenize(texts)
-
-    def fit(self, ids: list[int]) -> tuple[int, ...]:
-        limit = self.max_input_tokens
-        return tuple(ids if limit is None else ids[-limit:])
-
-    def generate(self, requests: list[Request]) -> list[Completion]:
-        self.stats.batches += 1 if requests else 0
-        self.stats.generated_tokens += len(requests)
-        lps = None if self.gen.logprobs is None else [TokenLogprob(0, self.TEXT, 0.0)]
-        return [Completion(self.TEXT, "stop", 1, [0], logprobs=lps) for _ in requests]
-
-    def compile(self, constraint) -> None:
-        """No tokenizer, nothing to compile: constraints are ignored."""
-
-    def score(self, requests: list[ScoreRequest]) -> list[Score]:
-        """Every completion token gets logprob 0 (no model)."""
-        return [Score([TokenLogprob(t, "", 0.0) for t in r.completion_ids]) for r in requests]
 
 
 class Engine:
@@ -299,26 +244,10 @@ class Engine:
         else:
             batches = self.plan_batches([len(r.prompt_ids) for r in requests])
         for batch in batches:
-            for i, completion in zip(batch, self._run_or_split([requests[i] for i in batch],
-                                                                self._run, self._generate_alone)):
+            for i, completion in zip(batch, run_or_split([requests[i] for i in batch], self._run,
+                                                          self._generate_alone, self.stats)):
                 results[i] = completion
         return results  # type: ignore[return-value]
-
-    def _run_or_split(self, requests: list, run, alone) -> list:
-        """``run(requests)``; a batch that runs out of memory or goes non-finite is split in
-        halves and each half run again; a single request that still fails goes to
-        ``alone(request, problem, non_finite)``. Any other error propagates."""
-        try:
-            return run(requests)
-        except (RuntimeError, MemoryError) as e:
-            problem, non_finite = _failure(e), isinstance(e, NonFiniteLogits)
-        _free_memory()
-        if len(requests) > 1:
-            self.stats.splits += 1
-            half = _halve(requests)
-            return (self._run_or_split(requests[:half], run, alone)
-                    + self._run_or_split(requests[half:], run, alone))
-        return alone(requests, problem, non_finite)
 
     def _generate_alone(self, requests: list[Request], problem: str, non_finite: bool
                         ) -> list[Completion]:
@@ -327,33 +256,14 @@ class Engine:
         if non_finite and any(p.dtype != torch.float32 for p in self.model.parameters()):
             self.stats.float32_retries += 1
             try:
-                with self._in_float32():
+                with in_float32(self.model):
                     return self._run(requests)
             except (RuntimeError, MemoryError) as e:
-                _failure(e)  # anything but non-finite logits or out of memory propagates
+                failure(e)  # anything but non-finite logits or out of memory propagates
                 problem = (f"{e} (also in float32)" if isinstance(e, NonFiniteLogits)
                            else f"{problem}; the float32 retry ran out of memory")
-            _free_memory()
+            free_memory()
         return [Completion(None, "error", 0, [], error=f"generation failed alone: {problem}")]
-
-    @contextmanager
-    def _in_float32(self):
-        """Parameters upcast to float32 for the block, then restored (fp16/bf16 -> fp32 -> back
-        is exact). Buffers are left alone: some are float32 on purpose (RoPE ``inv_freq``), and
-        a blanket ``model.to(dtype)`` on the way back would round them. An out-of-memory
-        half-way through the upcast restores what was already upcast."""
-        params = [p for p in self.model.parameters()
-                  if p.is_floating_point() and p.dtype != torch.float32]
-        dtypes = [p.dtype for p in params]
-        done = 0
-        try:
-            for p in params:
-                p.data = p.data.float()
-                done += 1
-            yield
-        finally:
-            for p, dtype in zip(params[:done], dtypes):
-                p.data = p.data.to(dtype)
 
     def _run(self, requests: list[Request]) -> list[Completion]:
         started = time.perf_counter()
@@ -424,8 +334,8 @@ class Engine:
         if not requests:
             return []
         started = time.perf_counter()
-        out = self._run_or_split(list(requests), self._score_batch, lambda _, problem, __: [
-            Score(None, error=f"scoring failed alone: {problem}")])
+        out = run_or_split(list(requests), self._score_batch, lambda _, problem, __: [
+            Score(None, error=f"scoring failed alone: {problem}")], self.stats)
         self.stats.batches += 1
         self.stats.prompt_tokens += sum(len(r.prompt_ids) + len(r.completion_ids)
                                         for r in requests)
@@ -438,7 +348,7 @@ class Engine:
         if self.path == "slots":
             decoder = self._slot_decoder(self.gen, self.eos_ids, self._prefix, self._prefix_kv,
                                          self._state)
-            results = decoder.score(items, top)
+            results = score_slots(decoder, items, top)
             self.stats.padded_prompt_positions += decoder.stats.prefill_positions
             self.stats.prefix_positions += decoder.stats.prefix_positions
         else:
@@ -446,31 +356,11 @@ class Engine:
                                 hit_stop=self._hit_stop)
             results = [None] * len(items)
             for batch in self.plan_batches([len(p) + len(c) for p, c in items]):
-                for i, r in zip(batch, decoder.score([items[i] for i in batch], top)):
+                for i, r in zip(batch, score_hf(decoder, [items[i] for i in batch], top)):
                     results[i] = r
             self.stats.padded_prompt_positions += decoder.padded_positions
         return [Score(self._token_logprobs(list(r.completion_ids), lps))
                 for r, lps in zip(requests, results)]
-
-
-def _failure(e: BaseException) -> str:
-    """What made a batch fail in a way splitting it may cure (non-finite logits, out of
-    memory); any other error is raised again."""
-    if isinstance(e, NonFiniteLogits):
-        return str(e)
-    if isinstance(e, MemoryError) or _is_oom(e):
-        return f"out of memory: {str(e).splitlines()[0][:200]}"
-    raise e
-
-
-def _halve(requests: list) -> int:
-    """Where to cut a failing batch in two: at the middle, moved so that the samples of one
-    prompt stay together (they share a prefill)."""
-    half = len(requests) // 2
-    for cut in sorted(range(1, len(requests)), key=lambda c: abs(c - half)):
-        if requests[cut].prompt_ids != requests[cut - 1].prompt_ids:
-            return cut
-    return half
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:

@@ -125,38 +125,6 @@ class HFDecoder:
             next_pos = next_pos + 1
         return list(zip(generated, reasons, logprobs))
 
-    @torch.inference_mode()
-    def score(self, items: list[tuple[tuple[int, ...], tuple[int, ...]]], top: int | None = None
-              ) -> list[tuple[list[float], list[list[int]], list[list[float]]]]:
-        """Teacher-forced logprobs of each completion after its prompt (see
-        ``SlotDecoder.score``): one left-padded forward over prompt + completion, the LM head
-        over the last positions only (a completion's logits are its row's last ones)."""
-        if not items:
-            return []
-        use_own(self.model)
-        dev = self.device
-        seqs = [tuple(p) + tuple(c[:-1]) for p, c in items]
-        L = max(len(q) for q in seqs)
-        keep = max(len(c) for _, c in items)
-        ids = torch.full((len(seqs), L), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), L), dtype=torch.long)
-        for row, q in enumerate(seqs):
-            ids[row, L - len(q):] = torch.tensor(q, dtype=torch.long)
-            mask[row, L - len(q):] = 1
-        kwargs = dict(input_ids=ids.to(dev), attention_mask=mask.to(dev),
-                      position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(dev), use_cache=False)
-        try:
-            logits_all = self.model(**kwargs, logits_to_keep=keep).logits
-        except TypeError:  # a model whose forward has no logits_to_keep
-            logits_all = self.model(**kwargs).logits
-        self.padded_positions += len(seqs) * L
-        results = []
-        for row, (p, c) in enumerate(items):
-            logits = check_finite(logits_all[row, logits_all.shape[1] - len(c):].float())
-            results.append(per_token(*token_logprobs(
-                logits, torch.tensor(c, dtype=torch.long, device=dev), top or 0)))
-        return results
-
     def _grouped_prefill(self, input_ids, mask, positions, lengths):
         """(cache, last logits, prompt positions computed). Rows come longest first; a new
         group starts where adding a row would leave less than PREFILL_FILL of the group's
