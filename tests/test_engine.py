@@ -194,17 +194,17 @@ def faults(engine, fault):
         def __getattr__(self, name):
             return getattr(self._model, name)
 
-    real_slot_hidden, real_hf_init = SlotDecoder._hidden, HFDecoder.__init__
+    real_slot_hidden, real_hf_init = SlotDecoder.hidden, HFDecoder.__init__
 
     def hf_init(self, model, *args, **kw):
         real_hf_init(self, model, *args, **kw)
         self.model = Faulty(model)
 
-    SlotDecoder._hidden, HFDecoder.__init__ = slot_hidden, hf_init
+    SlotDecoder.hidden, HFDecoder.__init__ = slot_hidden, hf_init
     try:
         yield
     finally:
-        SlotDecoder._hidden, HFDecoder.__init__ = real_slot_hidden, real_hf_init
+        SlotDecoder.hidden, HFDecoder.__init__ = real_slot_hidden, real_hf_init
 
 
 @pytest.fixture(params=["slots", "hf"])

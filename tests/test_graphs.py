@@ -15,9 +15,8 @@ import logging
 import pytest
 import torch
 
-from batchgen.engine.decoder import graph_rows
 from batchgen.engine.engine import Engine, Request
-from batchgen.engine.graphs import StepGraphs
+from batchgen.engine.graphs import StepGraphs, graph_rows
 from batchgen.engine.loading import load_tokenizer
 from batchgen.spec import GenerationSpec, ModelSpec
 

@@ -13,8 +13,9 @@ import torch
 from archs import EOS, PAD, REFUSED, SERVABLE, SLIDING, VOCAB, ZooTokenizer, build
 
 from batchgen.engine.attention import NAME, Decode, key_length, use_own
-from batchgen.engine.decoder import MIN_ROWS, PREFILL_BLOCK, SlotDecoder, round_up
+from batchgen.engine.decoder import SlotDecoder
 from batchgen.engine.engine import Engine, Request
+from batchgen.engine.prefill import MIN_ROWS, PREFILL_BLOCK, round_up
 from batchgen.engine.sampling import Sampler
 from batchgen.spec import GenerationSpec
 
@@ -451,7 +452,7 @@ def test_decode_step_traces_with_fullgraph(arch):
     positions = torch.tensor(positions)
 
     def step(ids, positions, handle):
-        return decoder.logits(decoder._hidden(ids, positions[:, None], handle)[:, -1])
+        return decoder.logits(decoder.hidden(ids, positions[:, None], handle)[:, -1])
 
     def snapshot():
         return {i: (k.clone(), cache.values[i].clone()) for i, k in cache.keys.items()}

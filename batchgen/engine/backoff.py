@@ -15,7 +15,18 @@ from typing import Any, Callable
 import torch
 
 from batchgen.engine.completions import EngineStats
-from batchgen.engine.decoder import NonFiniteLogits
+
+
+class NonFiniteLogits(RuntimeError):
+    """NaN or +inf in the logits: the model overflowed in its dtype."""
+
+
+def check_finite(logits: torch.Tensor) -> torch.Tensor:
+    """``logits``, or NonFiniteLogits if any is NaN or +inf (a host sync: not in decode steps,
+    which flag rows instead)."""
+    if (logits.isnan() | logits.isposinf()).any():
+        raise NonFiniteLogits("the model produced NaN/inf logits")
+    return logits
 
 
 def run_or_split(requests: list, run: Callable[[list], list], alone: Callable[[list, str, bool], list],

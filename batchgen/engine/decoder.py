@@ -6,10 +6,8 @@
    through the model as one packed sequence (attention per shape). Requests with the same
    prompt (the n samples of a row) share one prefill: the prompt's keys are copied into n slots
    and each sample draws its first token from the shared last logits with its own seed.
-2. **Job prefix.** A prompt that starts with the job's prefix (``prefix``: the tokens every
-   rendering of the job's prompt starts with) is prefilled as prefix + suffix: the prefix's
-   keys, computed once per decoder, are copied into the slot and only the suffix is computed.
-   The split depends on the prompt alone, never on the batch.
+2. **Job prefix.** A prompt that starts with the job's prefix is prefilled as prefix + suffix,
+   the prefix's keys computed once (``prefill.SlotModel``, the model calls this loop drives).
 3. **Decode** one token for every live row. The batch is the live rows, padded up to a
    multiple of ``MIN_ROWS`` (padding rows write to the scratch slot); finished rows free their
    slots at once and waiting prompts take them, so the batch stays full until the queue drains.
@@ -38,46 +36,14 @@ from typing import Any, Callable
 
 import torch
 
-from batchgen.engine.attention import (
-    KEY_BLOCK, KWARG, Decode, Prefill, Segment, key_length, use_slots
-)
-from batchgen.engine.graphs import StepGraphs
+from batchgen.engine.attention import Decode, key_length, use_slots
+from batchgen.engine.backoff import NonFiniteLogits
+from batchgen.engine.graphs import GRAPH_KEY_BLOCK, graph_rows
 from batchgen.engine.masks import apply_bitmask
+from batchgen.engine.prefill import MIN_ROWS, SlotModel, round_up
 from batchgen.engine.sampling import (
     Sampler, mark_seen, per_token, seen_from_prompts, token_logprobs
 )
-from batchgen.engine.slots import SlotCache
-
-PREFILL_BLOCK = 8  # prefill widths: the prompt (or suffix) length rounded up to this
-# F.linear on CPU (fp32, MKL) gives a row the same bits in any GEMM whose row count is a multiple
-# of 4; with 2+ threads, other counts >= 4 differ too (5-7 and 9-11 on 2 threads, 17-19 on 16):
-# rows are padded to a multiple of MIN_ROWS, not just to MIN_ROWS.
-MIN_ROWS = 4
-
-
-GRAPH_KEY_BLOCK = 256  # with CUDA graphs, the step's key length is rounded up to this
-
-
-def graph_rows(n: int) -> int:
-    """Rows of a graphed decode step for n live rows: 4, 8, then multiples of 16 (one graph
-    each, as nano-vllm buckets them)."""
-    return 4 if n <= 4 else 8 if n <= 8 else round_up(n, 16)
-
-
-class NonFiniteLogits(RuntimeError):
-    """NaN or +inf in the logits: the model overflowed in its dtype."""
-
-
-def check_finite(logits: torch.Tensor) -> torch.Tensor:
-    """``logits``, or NonFiniteLogits if any is NaN or +inf (a host sync: not in decode steps,
-    which flag rows instead)."""
-    if (logits.isnan() | logits.isposinf()).any():
-        raise NonFiniteLogits("the model produced NaN/inf logits")
-    return logits
-
-
-def round_up(n: int, block: int) -> int:
-    return -(-n // block) * block
 
 
 @dataclass
@@ -91,82 +57,22 @@ class _Row:
     logprobs: list = field(default_factory=list)  # per token read: (logprob, top ids, top logprobs)
 
 
-class SlotState:
-    """What the decoder keeps on the device from one run to the next: the slot cache, each
-    slot's last token, seed and seen tokens, and the CUDA graphs that point at them. Replaced
-    (graphs and all) when a run needs more room or another dtype."""
-
-    def __init__(self, slots: int, capacity: int, device, dtype, vocab: int, penalty: bool,
-                 graph_factory: Callable[[], Any] | None, step: Callable):
-        self.cache = SlotCache(slots, capacity, device)
-        self.dtype = dtype
-        self.last_token = torch.zeros(slots + 1, dtype=torch.long, device=device)
-        self.seeds = torch.zeros(slots + 1, dtype=torch.long, device=device)
-        self.seeds[-1] = -1  # the scratch slot's: padding rows are sampled too, and ignored
-        self.seen = (torch.zeros((slots + 1, vocab), dtype=torch.bool, device=device)
-                     if penalty else None)
-        self.graphs = StepGraphs(step, graph_factory) if graph_factory is not None else None
-
-    def fits(self, slots: int, capacity: int, dtype, penalty: bool) -> bool:
-        return (self.cache.slots == slots and self.cache.capacity >= capacity
-                and self.dtype == dtype and (self.seen is not None) == penalty)
-
-
-@dataclass
-class DecodeStats:
-    prefill_positions: int = 0  # prompt positions computed, padding included
-    prefix_positions: int = 0  # of which for the job prefix
-    steps: int = 0
-    row_steps: int = 0  # live rows summed over decode steps
-    slot_steps: int = 0  # slots summed over decode steps
-    busy_row_steps: int = 0  # the same two, only while requests were waiting
-    busy_slot_steps: int = 0
-
-
-class SlotDecoder:
+class SlotDecoder(SlotModel):
     def __init__(self, model: Any, gen: Any, *, eos_ids: set[int], pad_id: int,
                  slots: int, max_batch_tokens: int, hit_stop: Callable[[list[int]], bool],
                  prefix: tuple[int, ...] = (), prefix_kv: dict | None = None,
                  state: dict | None = None, graph_factory: Callable[[], Any] | None = None,
                  matchers: Any = None, logprobs: int | None = None):
-        self.model = model
-        self.base = model.base_model
-        self.head = model.get_output_embeddings()
-        self.gen = gen
+        super().__init__(model, gen, pad_id=pad_id, slots=slots,
+                         max_batch_tokens=max_batch_tokens, prefix=prefix, prefix_kv=prefix_kv,
+                         state=state, graph_factory=graph_factory, graph_step=self._graph_step)
         self.sampler = Sampler(gen)
         self.eos_ids = eos_ids
-        self.pad_id = pad_id
-        self.slots = slots
-        self.max_batch_tokens = max_batch_tokens
         self.hit_stop = hit_stop
-        self.prefix = tuple(prefix)
-        self.device = next(model.parameters()).device
-        self.stats = DecodeStats()
-        # The prefix's keys per dtype; the engine passes one dict to all its decoders.
-        self._prefix_kv: dict[torch.dtype, dict] = {} if prefix_kv is None else prefix_kv
-        self.layers_seen: set[int] = set()  # layers that called the slot attention (probe)
-        # The device state, kept by the engine across runs in this dict ("slots" key).
-        self._state = {} if state is None else state
-        self.graph_factory = graph_factory  # CUDA graphs for decode steps (None: eager)
-        # Constrained rows (``structured.Matchers``): each step's mask needs the previous
-        # step's token, so tokens are read back at once instead of one step late.
+        # Constrained rows (``masks.Matchers``): each step's mask needs the previous step's
+        # token, so tokens are read back at once instead of one step late.
         self.matchers = matchers if matchers is not None and matchers.active else None
         self.logprobs = logprobs  # top alternatives per token (None: no logprobs)
-
-    # -- the split of a prompt -----------------------------------------------------------
-
-    def split(self, prompt: tuple[int, ...]) -> int:
-        """Tokens of ``prompt`` taken from the job prefix: all of it or nothing."""
-        p = len(self.prefix)
-        return p if p and len(prompt) > p and prompt[:p] == self.prefix else 0
-
-    def shape(self, prompt: tuple[int, ...]) -> tuple[int, int]:
-        """(split, width) of the prompt's prefill: keys taken from the prefix, then the suffix
-        rounded up to PREFILL_BLOCK. A function of the prompt alone."""
-        s = self.split(prompt)
-        return s, round_up(len(prompt) - s, PREFILL_BLOCK)
-
-    # -- the loop ------------------------------------------------------------------------
 
     @torch.inference_mode()
     def run(self, requests: list[Any]) -> list[tuple[list[int], str, list]]:
@@ -221,27 +127,6 @@ class SlotDecoder:
             self._read(rows, host)
         return []
 
-    def hold(self, lengths: list[int], least: int) -> None:
-        """Take the kept device state, or make a new one, with room for keys of ``lengths``
-        (and the prefix's prefill) in at least ``least`` slots; every slot free."""
-        capacity = round_up(max(round_up(len(self.prefix), PREFILL_BLOCK), *lengths), KEY_BLOCK)
-        held = self._state.get("slots")
-        if held is not None:  # the capacity only grows: a kept state is not replaced for less
-            capacity = max(capacity, held.cache.capacity)
-        slots = max(min(self.slots, max(1, self.max_batch_tokens // capacity)), least)
-        dtype = next(self.model.parameters()).dtype
-        penalty = self.gen.repetition_penalty != 1.0
-        if held is None or not held.fits(slots, capacity, dtype, penalty):
-            held = self._state["slots"] = None  # free the old cache before the new one
-            vocab = self.head.weight.shape[0]
-            held = self._state["slots"] = SlotState(
-                slots, capacity, self.device, dtype, vocab, penalty, self.graph_factory,
-                self._graph_step)
-        self.state = held
-        held.cache.release_all()
-        self.cache, self.last_token, self.seeds = held.cache, held.last_token, held.seeds
-        self.seen = held.seen
-
     def _read(self, rows: list[_Row], host: dict[str, torch.Tensor]) -> None:
         tokens, bad = host["packed"].tolist()
         if any(bad):
@@ -286,34 +171,6 @@ class SlotDecoder:
         self.live.extend(r for _, rows in admitted for r in rows)
         return results
 
-    def forward(self, items) -> tuple[torch.Tensor, list[int]]:
-        """One packed forward of ``items`` ((offset, width), tokens, slot): each item's tokens
-        after ``offset`` (the prefix's keys are loaded into its slot) in a segment of
-        ``width``. Returns the hidden states [total, hidden] and where each item starts."""
-        dev = self.device
-        total = sum(width for (_, width), _, _ in items)
-        ids = torch.full((1, total), self.pad_id, dtype=torch.long)
-        positions = torch.empty((1, total), dtype=torch.long)
-        starts, segments, start = [], [], 0
-        for (offset, width), tokens, slot in items:
-            suffix = tokens[offset:]
-            ids[0, start:start + len(suffix)] = torch.tensor(suffix, dtype=torch.long)
-            positions[0, start:start + width] = offset + torch.arange(width).clamp(
-                max=len(suffix) - 1)
-            starts.append(start)
-            if segments and (segments[-1][0], segments[-1][1]) == (offset, width):
-                segments[-1][3].append(slot)
-            else:
-                segments.append((offset, width, start, [slot]))
-            if offset:
-                self.cache.load(slot, self._prefix())
-            start += width
-        step = Prefill(self.cache, [Segment(torch.tensor(slots, device=dev), offset, width, at)
-                                    for offset, width, at, slots in segments])
-        hidden = self._hidden(ids.to(dev), positions.to(dev), step)
-        self.stats.prefill_positions += total
-        return hidden[0], starts
-
     def _prefill(self, items):
         """Prefill ``items`` ((offset, width), prompt, rows) in one forward, packed."""
         dev = self.device
@@ -336,25 +193,6 @@ class SlotDecoder:
             self.seen[slots] = seen_from_prompts(
                 logits.shape[-1], [items[i][1] for i in which], dev)
         return self._sample(children, slots, logits[torch.tensor(which, device=dev)])
-
-    def _prefix(self) -> dict:
-        """The job prefix's keys and values, computed once per dtype (in the scratch slot)."""
-        dtype = next(self.model.parameters()).dtype
-        saved = self._prefix_kv.get(dtype)
-        if saved is None:
-            p = len(self.prefix)
-            width = round_up(p, PREFILL_BLOCK)
-            ids = torch.full((1, width), self.pad_id, dtype=torch.long)
-            ids[0, :p] = torch.tensor(self.prefix, dtype=torch.long)
-            positions = torch.arange(width).clamp(max=p - 1)[None]
-            scratch = self.cache.scratch
-            step = Prefill(self.cache, [Segment(torch.tensor([scratch], device=self.device), 0,
-                                                width, 0)])
-            self._hidden(ids.to(self.device), positions.to(self.device), step)
-            saved = self._prefix_kv[dtype] = self.cache.save(scratch, p)
-            self.stats.prefill_positions += width
-            self.stats.prefix_positions += width
-        return saved
 
     # -- decode --------------------------------------------------------------------------
 
@@ -410,7 +248,7 @@ class SlotDecoder:
         the model, the LM head, sampling, each slot's last token and seen tokens."""
         slots, positions = inputs["slots"], inputs["positions"]
         step = Decode(self.cache, slots, positions, groups)
-        hidden = self._hidden(inputs["ids"][:, None], positions[:, None], step)
+        hidden = self.hidden(inputs["ids"][:, None], positions[:, None], step)
         logits = self.head(hidden[:, -1]).float()
         return self._choose(logits, slots, inputs["seeds"], inputs["steps"],
                             inputs.get("allowed"))
@@ -464,17 +302,3 @@ class SlotDecoder:
         out = {k: v.to("cpu", non_blocking=True) for k, v in out.items()}
         ready.record()
         return rows, out, ready
-
-    # -- the model -----------------------------------------------------------------------
-
-    def _hidden(self, ids: torch.Tensor, positions: torch.Tensor, step) -> torch.Tensor:
-        out = self.base(input_ids=ids, position_ids=positions, use_cache=False, **{KWARG: step})
-        self.layers_seen |= step.layers_seen
-        return out[0]
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """LM head over a multiple of MIN_ROWS rows (bitwise stable per row), float32."""
-        n = hidden.shape[0]
-        if n % MIN_ROWS:
-            hidden = torch.cat([hidden, hidden[:1].expand(round_up(n, MIN_ROWS) - n, -1)])
-        return self.head(hidden)[:n].float()

@@ -31,11 +31,11 @@ from typing import Any
 import torch
 
 from batchgen.engine import probe
-from batchgen.engine.backoff import failure, free_memory, in_float32, run_or_split
+from batchgen.engine.backoff import NonFiniteLogits, failure, free_memory, in_float32, run_or_split
 from batchgen.engine.completions import (
     Completion, EngineStats, PromptTooLong, Request, Score, ScoreRequest, TokenLogprob
 )
-from batchgen.engine.decoder import NonFiniteLogits, SlotDecoder
+from batchgen.engine.decoder import SlotDecoder
 from batchgen.engine.echo import EchoEngine
 from batchgen.engine.hfdecode import HFDecoder
 from batchgen.engine.loading import load_model

@@ -26,6 +26,14 @@ log = logging.getLogger("batchgen.engine")
 
 Tensors = dict[str, torch.Tensor]
 
+GRAPH_KEY_BLOCK = 256  # with CUDA graphs, the step's key length is rounded up to this
+
+
+def graph_rows(n: int) -> int:
+    """Rows of a graphed decode step for n live rows: 4, 8, then multiples of 16 (one graph
+    each, as nano-vllm buckets them)."""
+    return 4 if n <= 4 else 8 if n <= 8 else -(-n // 16) * 16
+
 
 class CudaGraph:
     """torch.cuda.CUDAGraph behind the two calls StepGraphs needs."""

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from batchgen.engine.attention import use_own
-from batchgen.engine.decoder import check_finite
+from batchgen.engine.backoff import check_finite
 from batchgen.engine.masks import apply_bitmask
 from batchgen.engine.sampling import (
     Sampler, mark_seen, per_token, seen_from_prompts, token_logprobs

@@ -13,13 +13,14 @@ from __future__ import annotations
 import torch
 
 from batchgen.engine.attention import use_own, use_slots
-from batchgen.engine.decoder import PREFILL_BLOCK, SlotDecoder, check_finite, round_up
+from batchgen.engine.backoff import check_finite
 from batchgen.engine.hfdecode import HFDecoder
+from batchgen.engine.prefill import PREFILL_BLOCK, SlotModel, round_up
 from batchgen.engine.sampling import per_token, token_logprobs
 
 
 @torch.inference_mode()
-def score_slots(decoder: SlotDecoder, items: list[tuple[tuple[int, ...], tuple[int, ...]]],
+def score_slots(decoder: SlotModel, items: list[tuple[tuple[int, ...], tuple[int, ...]]],
                 top: int | None = None) -> list[list[tuple[float, list[int], list[float]]]]:
     """Teacher-forced log-likelihood: for each (prompt, completion), per completion token
     (its logprob given the prompt and the completion before it, its ``top`` likeliest
@@ -55,7 +56,7 @@ def score_slots(decoder: SlotDecoder, items: list[tuple[tuple[int, ...], tuple[i
     return out
 
 
-def _score_shape(decoder: SlotDecoder, seq: tuple[int, ...], prompt_len: int) -> tuple[int, int]:
+def _score_shape(decoder: SlotModel, seq: tuple[int, ...], prompt_len: int) -> tuple[int, int]:
     """(split, width) of a scored sequence: the prefix split is the prompt's (the first
     scored position, the prompt's last token, is never inside the prefix)."""
     s = decoder.split(seq[:prompt_len])

@@ -10,7 +10,11 @@ with n samples are copied between slots with ``copy``.
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
+
+from batchgen.engine.graphs import StepGraphs
 
 
 class SlotCache:
@@ -71,3 +75,24 @@ class SlotCache:
     def save(self, slot: int, length: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         return {i: (self.keys[i][slot, :, :length].clone(), self.values[i][slot, :, :length].clone())
                 for i in self.keys}
+
+
+class SlotState:
+    """What the decoder keeps on the device from one run to the next: the slot cache, each
+    slot's last token, seed and seen tokens, and the CUDA graphs that point at them. Replaced
+    (graphs and all) when a run needs more room or another dtype."""
+
+    def __init__(self, slots: int, capacity: int, device, dtype, vocab: int, penalty: bool,
+                 graph_factory: Callable[[], Any] | None, step: Callable):
+        self.cache = SlotCache(slots, capacity, device)
+        self.dtype = dtype
+        self.last_token = torch.zeros(slots + 1, dtype=torch.long, device=device)
+        self.seeds = torch.zeros(slots + 1, dtype=torch.long, device=device)
+        self.seeds[-1] = -1  # the scratch slot's: padding rows are sampled too, and ignored
+        self.seen = (torch.zeros((slots + 1, vocab), dtype=torch.bool, device=device)
+                     if penalty else None)
+        self.graphs = StepGraphs(step, graph_factory) if graph_factory is not None else None
+
+    def fits(self, slots: int, capacity: int, dtype, penalty: bool) -> bool:
+        return (self.cache.slots == slots and self.cache.capacity >= capacity
+                and self.dtype == dtype and (self.seen is not None) == penalty)
