@@ -1,4 +1,4 @@
-"""The errors batchgen raises for things a user can fix.
+"""The errors batchgen raises for things a user can fix, and how any error is shown in one line.
 
 The CLI prints a `BatchgenError` as one line and exits non-zero; anything else is a bug and keeps
 its traceback.
@@ -35,3 +35,12 @@ class JobFailed(BatchgenError):
 
 class Cancelled(BatchgenError):
     """The user stopped the job (Ctrl-C or SIGTERM); committed shards are kept."""
+
+
+def one_line(error: object, limit: int = 500, *, last: bool = False) -> str:
+    """An error (or a message) as one line: its first, or with ``last`` its last line (a remote
+    traceback ends with its cause), at most ``limit`` characters; the type's name if empty."""
+    lines = str(error).strip().splitlines()
+    if not lines:
+        return type(error).__name__ if isinstance(error, BaseException) else ""
+    return (lines[-1] if last else lines[0])[:limit]

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator
 
 import yaml
 
-from batchgen.errors import BatchgenError
+from batchgen.errors import BatchgenError, one_line
 from batchgen.spec import JobSpec
 from batchgen.spec.secrets import secret_keys
 
@@ -104,7 +104,7 @@ class Cluster:
             ) from None
         except OSError as e:  # ConnectionError, and requests' errors once connected
             raise BatchgenError(
-                f"cannot reach the Ray Jobs API at {self.address}: {_first_line(e)} (the head's "
+                f"cannot reach the Ray Jobs API at {self.address}: {one_line(e)} (the head's "
                 "dashboard port, 8265 by default, must be reachable)"
             ) from None
         except RuntimeError as e:
@@ -289,7 +289,7 @@ class JobView:
         return cls(
             job_id=info.submission_id or info.job_id or "",
             ray_state=_state(info.status),
-            message=_first_line(info.message or ""),
+            message=one_line(info.message or ""),
             output=meta.get(META_OUTPUT, ""),
             endpoint_url=meta.get(META_ENDPOINT) or None,
             start_time=info.start_time / 1000 if info.start_time else None,
@@ -308,8 +308,3 @@ def _server_message(text: str) -> str:
         if errors:
             return errors[-1]
     return lines[0] if lines else "request failed"
-
-
-def _first_line(e: Any) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from batchgen.errors import ModelError
+from batchgen.errors import ModelError, one_line
 from batchgen.spec import GenerationSpec, InputSpec, ModelSpec
 
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
@@ -54,7 +54,7 @@ def _file(model: ModelSpec, name: str) -> str | None:
     except ModelError:
         raise
     except Exception as e:  # noqa: BLE001 - network, auth, unknown repo
-        raise ModelError(f"model.path {model.path}: cannot fetch {name}: {_first_line(e)}") from None
+        raise ModelError(f"model.path {model.path}: cannot fetch {name}: {one_line(e)}") from None
 
 
 def _json(model: ModelSpec, name: str, required: bool) -> dict[str, Any]:
@@ -69,7 +69,7 @@ def _json(model: ModelSpec, name: str, required: bool) -> dict[str, Any]:
     except (OSError, ValueError) as e:
         what = "the model config" if name == "config.json" else name
         raise ModelError(f"model.path {model.path}: cannot load {what}: {name}: "
-                         f"{_first_line(e)}") from None
+                         f"{one_line(e)}") from None
     if not isinstance(value, dict):
         raise ModelError(f"model.path {model.path}: {name} is not a JSON object")
     return value
@@ -202,7 +202,7 @@ def light_tokenizer(model: ModelSpec) -> LightTokenizer | None:
         return LightTokenizer(files)
     except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception
         raise ModelError(f"model.path {model.path}: cannot load the tokenizer: "
-                         f"{_first_line(e)}") from None
+                         f"{one_line(e)}") from None
 
 
 def _chat_env():
@@ -220,8 +220,3 @@ def _chat_env():
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
