@@ -208,11 +208,11 @@ def plan(job, overrides, output, replicas, sample, as_json):
 def status(target, endpoint_url, address, as_json):
     """Show a job's state. TARGET is its output (local or s3://; no cluster needed) or the id
     `batchgen submit` printed (Ray's state plus the job's own status.json)."""
-    from batchgen.job.status import read_status
+    from batchgen.job.status import format_status, printable, read_status
 
     if not _is_job_id(target) or not (address or os.environ.get("RAY_ADDRESS")):
         st = read_status(target, endpoint_url)
-        click.echo(json.dumps(st, indent=2) if as_json else _format_status(st))
+        click.echo(json.dumps(st, indent=2) if as_json else format_status(st))
         return
     from batchgen.submission import Cluster, JobView
 
@@ -232,10 +232,10 @@ def status(target, endpoint_url, address, as_json):
         return
     click.echo(f"job:      {view.job_id}")
     click.echo(f"ray:      {view.ray_state}" +
-               (f" ({_printable(view.message)})" if view.message else ""))
-    click.echo(f"output:   {_printable(view.output) or '(not a batchgen job)'}")
+               (f" ({printable(view.message)})" if view.message else ""))
+    click.echo(f"output:   {printable(view.output) or '(not a batchgen job)'}")
     if st is not None:
-        click.echo(_format_status(st))
+        click.echo(format_status(st))
     elif problem:
         click.echo(f"status:   unavailable: {problem}")
 
@@ -244,30 +244,6 @@ def _is_job_id(target: str) -> bool:
     """A submission id has no slashes and is not a local path (looked up only with an address;
     without one TARGET is an output, and a missing one says so)."""
     return "/" not in target and "://" not in target and not os.path.exists(target)
-
-
-def _format_status(st: dict) -> str:
-    # read_status checked the keys it needs; the rest of status.json may come from anywhere.
-    sh, rc = st["shards"], st["request_counts"]
-    lines = [
-        f"state:    {_printable(st['state'])}",
-        f"shards:   {sh['completed']}/{sh['total']} committed, {sh['failed']} failed",
-        f"requests: {rc.get('completed')}/{rc.get('total')} completed, {rc.get('failed')} failed",
-    ]
-    if isinstance(st.get("tokens"), dict):
-        lines.append(f"tokens:   {st['tokens'].get('generated')} generated, "
-                     f"{st.get('tokens_per_second', 0)} tok/s")
-    if isinstance(st.get("eta_seconds"), (int, float)) and st["state"] == "in_progress":
-        lines.append(f"eta:      {st['eta_seconds']:.0f}s")
-    if st.get("error"):
-        lines.append(f"error:    {_printable(str(st['error']))}")
-    return "\n".join(lines)
-
-
-def _printable(text: str) -> str:
-    """``text`` as is, or escaped (repr) if it holds control characters: an escape sequence or
-    a newline from the data must not reach the terminal."""
-    return text if text.isprintable() else repr(text)
 
 
 # -- a remote cluster, through Ray's Jobs API ---------------------------------------------------
@@ -375,6 +351,7 @@ def stop(job_id, address, timeout):
 @click.option("--all", "show_all", is_flag=True, help="Also Ray jobs not submitted by batchgen.")
 def list_jobs(address, show_all):
     """List the jobs on a cluster, oldest first."""
+    from batchgen.job.status import printable
     from batchgen.submission import Cluster, JobView
 
     views = sorted((JobView.of(j) for j in Cluster(address).list()),
@@ -384,8 +361,8 @@ def list_jobs(address, show_all):
             continue
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v.start_time)) \
             if v.start_time else "-"
-        click.echo(f"{_printable(v.job_id):<44} {v.ray_state:<10} {started}  "
-                   f"{_printable(v.output) or '-'}")
+        click.echo(f"{printable(v.job_id):<44} {v.ray_state:<10} {started}  "
+                   f"{printable(v.output) or '-'}")
 
 
 @main.command()
@@ -395,7 +372,7 @@ def list_jobs(address, show_all):
 @click.option("--endpoint-url", default=None, help="S3 endpoint, as storage.endpoint_url.")
 def show(output, rows, endpoint_url):
     """Print the first rows of a job's output (local or s3://)."""
-    from batchgen.job.status import head_rows
+    from batchgen.job.status import head_rows, printable
 
     for r in head_rows(output, rows, endpoint_url):
         text = (r["generation"] if r["error"] is None else f"ERROR: {r['error']}") or ""
@@ -405,8 +382,8 @@ def show(output, rows, endpoint_url):
             extra = f" logprob {r['completion_logprob']:.3f}, perplexity {r['perplexity']:.3g}"
         elif r.get("tool_calls"):
             extra = " calls " + ", ".join(f"{c['name']}({c['arguments']})" for c in r["tool_calls"])
-        click.echo(f"{_printable(str(r['row_id']))}#{r['sample_index']} "
-                   f"[{_printable(str(r['finish_reason']))}] {text!r}{_printable(extra)}")
+        click.echo(f"{printable(str(r['row_id']))}#{r['sample_index']} "
+                   f"[{printable(str(r['finish_reason']))}] {text!r}{printable(extra)}")
 
 
 @main.command("init-model")

@@ -150,3 +150,28 @@ def stored_spec(output: str, endpoint_url: str | None = None, overrides: list[st
         storage["endpoint_url"] = endpoint_url
     data["output"]["path"] = output  # where it was found, even if it was moved
     return parse_spec(apply_overrides(data, overrides or []), source=out.url_of(layout.JOB))
+
+
+def format_status(st: dict) -> str:
+    """``read_status``'s document as the lines ``batchgen status`` prints. read_status checked
+    the keys it needs; the rest of status.json may come from anywhere."""
+    sh, rc = st["shards"], st["request_counts"]
+    lines = [
+        f"state:    {printable(st['state'])}",
+        f"shards:   {sh['completed']}/{sh['total']} committed, {sh['failed']} failed",
+        f"requests: {rc.get('completed')}/{rc.get('total')} completed, {rc.get('failed')} failed",
+    ]
+    if isinstance(st.get("tokens"), dict):
+        lines.append(f"tokens:   {st['tokens'].get('generated')} generated, "
+                     f"{st.get('tokens_per_second', 0)} tok/s")
+    if isinstance(st.get("eta_seconds"), (int, float)) and st["state"] == "in_progress":
+        lines.append(f"eta:      {st['eta_seconds']:.0f}s")
+    if st.get("error"):
+        lines.append(f"error:    {printable(str(st['error']))}")
+    return "\n".join(lines)
+
+
+def printable(text: str) -> str:
+    """``text`` as is, or escaped (repr) if it holds control characters: an escape sequence or
+    a newline from the data must not reach the terminal."""
+    return text if text.isprintable() else repr(text)
