@@ -164,21 +164,10 @@ def _run(spec, address, progress, force, retry_failed) -> None:
 def plan(job, overrides, output, replicas, sample, as_json):
     """Show the shards JOB would run and a prompt-token estimate; runs no model."""
     spec = _load(job, overrides, output, replicas)
-    from batchgen.job.estimate import estimate_prompt_tokens
-    from batchgen.job.plan import make_plan
+    from batchgen.job.estimate import plan_summary
+    from batchgen.job.status import printable
 
-    p = make_plan(spec)
-    per_row = estimate_prompt_tokens(spec, p, sample=sample)
-    summary = {
-        "files": len(p.files),
-        "rows": p.total_rows,
-        "shards": len(p.shards),
-        "samples": p.total_rows * spec.generation.n,
-        "prompt_tokens_per_row": round(per_row, 1),
-        "prompt_tokens_estimate": round(per_row * p.total_rows * spec.generation.n),
-        "max_new_tokens_total": p.total_rows * spec.generation.n * spec.generation.max_new_tokens,
-        "fingerprint": p.fingerprint,
-    }
+    p, summary = plan_summary(spec, sample=sample)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
@@ -193,6 +182,10 @@ def plan(job, overrides, output, replicas, sample, as_json):
         f"~{summary['prompt_tokens_estimate']} prompt tokens for "
         f"{summary['samples']} samples; at most {summary['max_new_tokens_total']} new tokens"
     )
+    if summary["sampled_error_rows"]:
+        click.secho(f"warning: {summary['sampled_error_rows']} of the {summary['sampled_rows']} "
+                    f"rows sampled would be error rows, e.g.: {printable(summary['first_error'])}",
+                    fg="yellow", err=True)
 
 
 @main.command()

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from batchgen.engine.attention import NAME, Unsupported, use_own, use_slots
+from batchgen.engine.completions import Request
 
 log = logging.getLogger("batchgen.engine")
 
@@ -52,8 +53,6 @@ def probe(model: Any, make_decoder, context: int | None) -> tuple[bool, str]:
 
 @torch.inference_mode()
 def _compare(model: Any, decoder: Any, context: int | None) -> tuple[bool, str]:
-    from batchgen.engine.engine import Request
-
     vocab = model.get_output_embeddings().weight.shape[0]
     prompts = probe_prompts(vocab, context)
     got = decoder.run([Request(p, 0) for p in prompts])

@@ -184,9 +184,10 @@ class LightTokenizer:
         transformers 5 returns it (the template writes the special tokens, so none are added)."""
         if not self.chat_template:
             raise ModelError("the model has no chat template")
+        # The job's template kwargs win over the special tokens, as in transformers.
         text = _chat_env().from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **self.special,
-            **kwargs)
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            **{**self.special, **kwargs})
         if not tokenize:
             return text
         return {"input_ids": self._tok.encode(text, add_special_tokens=False).ids}

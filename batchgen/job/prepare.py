@@ -12,13 +12,14 @@ from typing import Any, Callable
 from batchgen.errors import BatchgenError, StorageError
 from batchgen.io import layout
 from batchgen.io.modelcache import local_model
-from batchgen.io.modelcheck import check_model
+from batchgen.io.modelcheck import check_model, light_tokenizer
 from batchgen.io.storage import Storage
 from batchgen.job.commit import Committer, Task, load_markers
 from batchgen.job.fingerprint import FINGERPRINT_VERSION, current_fingerprint
 from batchgen.job.lock import JobLock
 from batchgen.job.plan import Plan, check_unique_ids, make_plan
 from batchgen.job.progress import JobProgress, now_iso
+from batchgen.shard import longdocs
 from batchgen.spec import JobSpec
 from batchgen.spec.secrets import redact
 
@@ -43,9 +44,7 @@ def prepare(spec: JobSpec, as_given: JobSpec, out: Storage, lock: JobLock, *, fo
     """The job as it stands: checked, recorded, and what is left to run. Everything cheap is
     checked before any replica starts, and before anything is written."""
     plan, is_new, job_doc = _plan_or_resume(spec, as_given, out, force, say)
-    check_model(local_model(spec, weights=False)[0], spec.generation, spec.input)
-    if is_new:
-        check_unique_ids(spec, plan)
+    preflight(spec, plan, new_plan=is_new)
     if job_doc is not None:  # written before any generation, once everything checked out
         out.write_json(layout.JOB, job_doc)
         out.write_json(layout.PLAN, plan.to_json())
@@ -77,6 +76,21 @@ def prepare(spec: JobSpec, as_given: JobSpec, out: Storage, lock: JobLock, *, fo
     if retry_failed:
         say(f"retrying the error rows of {sum(1 for t in tasks if t.redo_errors)} committed shard(s)")
     return Job(spec, out, plan, progress, committer, tasks, retry_failed)
+
+
+def preflight(spec: JobSpec, plan: Plan, *, new_plan: bool) -> dict[str, Any]:
+    """What a run checks before any replica starts, beyond the spec itself: the model's files
+    (context, chat template; ``modelcheck``), the chunk window against the prompt budget, and,
+    for a new plan, that ids are unique across the input. ``batchgen plan`` runs the same."""
+    model = local_model(spec, weights=False)[0]
+    checked = check_model(model, spec.generation, spec.input)
+    if spec.input.long_documents == "chunk" and spec.model.engine != "echo":
+        tokenizer = light_tokenizer(model)  # None without tokenizer.json: rows are checked
+        if tokenizer is not None:
+            longdocs.check_windows(spec, tokenizer, checked["max_input_tokens"])
+    if new_plan:
+        check_unique_ids(spec, plan)
+    return checked
 
 
 def end_status(out: Storage, progress: JobProgress, state: str, message: str) -> None:

@@ -19,17 +19,24 @@ of the document, and a row that cannot be windowed becomes an error row, never a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from batchgen.engine.engine import Engine, PromptTooLong, Request
+from batchgen.engine.completions import PromptTooLong, Request
+from batchgen.errors import SpecError
 from batchgen.shard import prompts
 from batchgen.shard.rows import CHUNKS_SCHEMA, row_seed
 from batchgen.spec import JobSpec
 
+if TYPE_CHECKING:
+    from batchgen.engine.engine import Engine
+
 CHARS_PER_TOKEN = 16  # English is ~4 characters per token; code with long runs of spaces ~8-16
 MARGIN_TOKENS = 64  # tokens beyond the budget that absorb the change at the cut
+# Tokens a default window leaves free beside the template: a window's text, decoded and tokenized
+# again inside the template, may come back a few tokens longer.
+WINDOW_MARGIN = 8
 
 
 # -- truncate ---------------------------------------------------------------------------------
@@ -148,10 +155,14 @@ def _row_windows(spec: JobSpec, engine: Engine, row: dict[str, Any], row_id: str
         text = prompts.wrap_prompt(spec, prompts.render(inp, {**row, inp.chunk_column: piece}),
                                    engine.tokenizer)
         ids = engine.tokenize([text], chat=inp.chat)[0]
-        try:
-            ids = engine.fit(ids)
-        except PromptTooLong:  # sized to fit; re-tokenizing a decoded window may add a few
-            ids = tuple(ids[-engine.max_input_tokens:])
+        if engine.max_input_tokens is not None and len(ids) > engine.max_input_tokens:
+            # Never cut silently: the cut would drop part of the document from the summary.
+            raise prompts.RowError(
+                f"window {j} ({len(piece_ids)} document tokens) makes a prompt of {len(ids)} "
+                f"tokens with the template, more than model.max_input_tokens="
+                f"{engine.max_input_tokens}; lower input.chunk_tokens"
+                + ("" if inp.chunk_tokens else " (set it: the default window did not fit "
+                   "beside this row's other columns)"))
         seed = row_seed(spec.generation.seed, f"{row_id}\x1fchunk", j)
         windows.append(Window(k, row_id, j, len(piece_ids), Request(ids, seed)))
     return windows, len(doc_ids)
@@ -163,7 +174,39 @@ def _default_window(spec: JobSpec, engine: Engine, row: dict[str, Any]) -> int:
     empty = prompts.wrap_prompt(spec, prompts.render(inp, {**row, inp.chunk_column: " "}),
                                 engine.tokenizer)
     overhead = len(engine.tokenize([empty], chat=inp.chat)[0])
-    return max(16, engine.max_input_tokens - overhead - 8)
+    return max(16, engine.max_input_tokens - overhead - WINDOW_MARGIN)
+
+
+def check_windows(spec: JobSpec, tokenizer: Any, budget: int | None) -> None:
+    """Refuse, when the job is planned, a chunking setup that would make every row an error
+    row: windows (``input.chunk_tokens``) that cannot fit beside the template in the prompt
+    budget, or an overlap (``input.chunk_overlap``) not smaller than the largest window that
+    can. The template is rendered with empty columns, so a row's own columns only make its
+    room smaller (and such a row an error row). ``tokenizer``: a transformers-like tokenizer
+    (the plan's light one, no torch)."""
+    inp = spec.input
+    if budget is None:
+        return
+    row = {c: "" for c in prompts.needed_columns(inp)} | {inp.chunk_column: " "}
+    try:
+        empty = prompts.wrap_prompt(spec, prompts.render(inp, row), tokenizer)
+    except prompts.RowError:
+        return  # a template that cannot render empty columns: its rows are checked one by one
+    overhead = len(tokenizer([empty], add_special_tokens=not inp.chat)["input_ids"][0])
+    room = budget - overhead - WINDOW_MARGIN
+    if inp.chunk_tokens is not None and inp.chunk_tokens > room:
+        raise SpecError(
+            f"input.chunk_tokens={inp.chunk_tokens} does not fit: the template takes {overhead} "
+            f"of model.max_input_tokens={budget} tokens, which leaves at most {room} for a "
+            f"window ({WINDOW_MARGIN} kept free); lower input.chunk_tokens to {max(room, 1)} or "
+            "less")
+    window = max(16, room)  # what _default_window gives a row whose columns are empty
+    if inp.chunk_tokens is None and inp.chunk_overlap >= window:  # (the spec checks the other)
+        raise SpecError(
+            f"input.chunk_overlap={inp.chunk_overlap} is not smaller than the window of at most "
+            f"{window} tokens that fits beside the template in model.max_input_tokens={budget} "
+            f"(input.chunk_tokens is unset); lower input.chunk_overlap below {window} or set "
+            "input.chunk_tokens")
 
 
 def document_tokens(engine: Engine, rows: list[dict[str, Any]], column: str,

@@ -170,7 +170,7 @@ from batchgen.job.plan import make_plan
 from batchgen.spec.load import parse_spec
 spec = parse_spec(spec_dict({str(tmp_path / 'in.parquet')!r}, "out", {tiny_model!r},
                             input={{"chat": True}}))
-print(estimate_prompt_tokens(spec, make_plan(spec)), 'torch' in sys.modules)
+print(estimate_prompt_tokens(spec, make_plan(spec)).tokens_per_row, 'torch' in sys.modules)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr
@@ -197,7 +197,7 @@ for tools in ([], [tool]):
     spec = parse_spec(spec_dict({str(tmp_path / 'in.parquet')!r}, "out", {tiny_model!r},
                                 input={{"prompt_column": None, "messages_column": "messages",
                                         "tools": tools}}))
-    print(estimate_prompt_tokens(spec, make_plan(spec)))
+    print(estimate_prompt_tokens(spec, make_plan(spec)).tokens_per_row)
 print('torch' in sys.modules)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
@@ -226,3 +226,29 @@ def test_the_light_tokenizer_counts_and_renders_as_transformers_does(tiny_model)
     for special in (True, False):
         assert light(texts, add_special_tokens=special)["input_ids"] == [
             list(x) for x in full(texts, add_special_tokens=special)["input_ids"]]
+
+
+def test_template_kwargs_that_name_special_tokens_render_as_transformers_renders_them(
+        tmp_path, tiny_model):
+    # chat_template_kwargs {bos_token: ...} made the plan's tokenizer fail every row ("multiple
+    # values for keyword argument"), so `batchgen plan` estimated ~0 tokens per row; transformers
+    # lets the job's kwargs win over the special tokens.
+    from batchgen.engine.loading import load_tokenizer
+    from batchgen.io.modelcheck import light_tokenizer
+    from batchgen.job.estimate import estimate_prompt_tokens
+    from batchgen.job.plan import make_plan
+    from batchgen.spec import ModelSpec
+
+    kwargs = {"bos_token": "<s>", "eos_token": "</s>"}
+    model = ModelSpec(path=tiny_model)
+    messages = [{"role": "user", "content": "Tea?"}]
+    assert light_tokenizer(model).apply_chat_template(messages, **kwargs) == load_tokenizer(
+        model).apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": ["a"], "prompt": ["Write one sentence."], "topic": ["t"]}),
+                   tmp_path / "in.parquet")
+    spec = parse_spec(spec_dict(str(tmp_path / "in.parquet"), "out", tiny_model,
+                                input={"chat": True, "chat_template_kwargs": kwargs}))
+    estimate = estimate_prompt_tokens(spec, make_plan(spec))
+    assert estimate.error_rows == 0 and estimate.tokens_per_row > 5

@@ -88,7 +88,7 @@ ALL_ERRORS = {
 def test_a_shard_of_error_rows_writes_them(case, tmp_path, tiny_model, monkeypatch):
     from batchgen.shard import prompts
 
-    # The planner refuses non-text prompt columns up front (tests/test_plan.py); the worker must
+    # The planner refuses non-text prompt columns up front (tests/job/test_plan.py); the worker must
     # cope on its own all the same (a plan made by an earlier version, a JSON Lines file).
     monkeypatch.setattr(prompts, "check_column_types", lambda *a: None)
     values, inp, message = ALL_ERRORS[case]
@@ -291,3 +291,23 @@ def test_the_job_prefix_is_shared_by_every_prompt_and_changes_no_output(tmp_path
         out = pq.read_table(tmp_path / f"out-{split}" / result.staged)
         outputs[split] = out.select(["row_id", "sample_index", "generation"]).to_pylist()
     assert outputs[True] == outputs[False]
+
+
+def test_a_window_that_cannot_fit_beside_the_row_fails_the_row_not_cut_silently(tmp_path,
+                                                                                  tiny_model):
+    # chunk_tokens fits beside the template with empty columns (so the plan accepts it), but
+    # this row's own title leaves no room: its windows used to be cut to the budget, silently
+    # dropping document text from its summary.
+    doc = "The old town remembers the long road before the rain. " * 40
+    table = pa.table({"id": ["crowded", "fine"], "title": ["Tea and rivers. " * 12, "Tea."],
+                      "text": [doc, doc]})
+    result, out = run_one(
+        tmp_path, tiny_model, table,
+        input={**CHUNKING, "template": "{{ title }} Summarize: {{ text }}", "chunk_tokens": 64},
+        model={"max_input_tokens": 100}, generation={"max_new_tokens": 4})
+    rows = {r["row_id"]: r for r in out.to_pylist()}
+    assert rows["crowded"]["finish_reason"] == "error" and result.errors == 1
+    assert rows["crowded"]["error"].startswith("chunking: window 0 (64 document tokens) makes a "
+                                               "prompt of ")
+    assert "more than model.max_input_tokens=100; lower input.chunk_tokens" in rows["crowded"]["error"]
+    assert rows["fine"]["error"] is None and rows["fine"]["chunks"] >= 3

@@ -282,3 +282,83 @@ def test_column_types_that_fail_every_row_are_refused_when_planning(tmp_path, co
     pq.write_table(table, tmp_path / "typed.parquet")
     with pytest.raises(SpecError, match=key):
         make_plan(spec_for(tmp_path / "typed.parquet"))
+
+
+# -- `batchgen plan` checks what `batchgen run` checks before any work --------------------------
+
+CHUNKS = {"prompt_column": None, "template": "Summarize: {{ text }}", "long_documents": "chunk",
+          "chunk_column": "text", "reduce_template": "Combine: {{ summaries|join(' ') }}",
+          "columns": ["id"]}
+
+
+def _chunk_job(tmp_path, tiny_model, **inp):
+    pq.write_table(pa.table({"id": ["d0"], "text": ["The old town remembers the rain. " * 40]}),
+                   tmp_path / "docs.parquet")
+    job = tmp_path / "job.yaml"
+    job.write_text(json.dumps(spec_dict(str(tmp_path / "docs.parquet"), str(tmp_path / "out"),
+                                        tiny_model, input={**CHUNKS, **inp},
+                                        model={"max_input_tokens": 100},
+                                        generation={"max_new_tokens": 4})))
+    return str(job)
+
+
+@pytest.mark.parametrize("command", ["plan", "run"])
+def test_an_overlap_no_window_can_hold_is_refused_before_any_work(command, tmp_path, tiny_model):
+    from click.testing import CliRunner
+
+    from batchgen.cli import main
+
+    r = CliRunner().invoke(main, [command, _chunk_job(tmp_path, tiny_model,
+                                                      chunk_overlap=1000000)])
+    assert r.exit_code == 2, r.output
+    # Both numbers: the overlap asked for and the largest window (100 - template - 8).
+    assert ("error: input.chunk_overlap=1000000 is not smaller than the window of at most 81 "
+            "tokens" in r.output)
+    assert "model.max_input_tokens=100 (input.chunk_tokens is unset)" in r.output
+    assert not (tmp_path / "out" / "job.json").exists() and not (tmp_path / "out" / "data").exists()
+
+
+def test_windows_that_cannot_fit_beside_the_template_are_refused_when_planning(tmp_path,
+                                                                                tiny_model):
+    from batchgen.job.estimate import plan_summary
+
+    spec = parse_spec(json.loads(open(_chunk_job(tmp_path, tiny_model, chunk_tokens=99)).read()))
+    with pytest.raises(SpecError, match=r"input.chunk_tokens=99 does not fit: the template takes "
+                                        r"\d+ of model.max_input_tokens=100 tokens"):
+        plan_summary(spec)
+    ok = spec.model_copy(update={"input": spec.input.model_copy(update={"chunk_tokens": 64})})
+    assert plan_summary(ok)[1]["rows"] == 1
+
+
+def test_plan_refuses_duplicate_ids_as_run_does(tmp_path):
+    from click.testing import CliRunner
+
+    from batchgen.cli import main
+
+    pq.write_table(pa.table({"id": ["a", "b", "a"], "prompt": ["x", "y", "z"]}),
+                   tmp_path / "in.parquet")
+    job = tmp_path / "job.yaml"
+    job.write_text(json.dumps(spec_dict(str(tmp_path / "in.parquet"), str(tmp_path / "out"), "m",
+                                        model={"engine": "echo"}, input={"columns": ["id"]})))
+    r = CliRunner().invoke(main, ["plan", str(job)])
+    assert r.exit_code == 2, r.output
+    assert "input.id_column 'id' has 1 duplicate value(s) ('a')" in r.output
+
+
+def test_plan_says_when_sampled_rows_would_be_error_rows(tmp_path):
+    from click.testing import CliRunner
+
+    from batchgen.cli import main
+
+    pq.write_table(pa.table({"id": ["a", "b"], "prompt": ["Write one sentence.", None]}),
+                   tmp_path / "in.parquet")
+    job = tmp_path / "job.yaml"
+    job.write_text(json.dumps(spec_dict(str(tmp_path / "in.parquet"), str(tmp_path / "out"), "m",
+                                        model={"engine": "echo"}, input={"columns": ["id"]})))
+    r = CliRunner().invoke(main, ["plan", str(job), "--json"])
+    summary = json.loads(r.stdout)
+    assert summary["sampled_rows"] == 2 and summary["sampled_error_rows"] == 1
+    assert summary["first_error"] == "prompt column 'prompt' is null"
+    r = CliRunner().invoke(main, ["plan", str(job)])
+    assert ("warning: 1 of the 2 rows sampled would be error rows, e.g.: prompt column 'prompt' "
+            "is null") in r.stderr
