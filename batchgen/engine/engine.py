@@ -287,8 +287,7 @@ class Engine:
             s.padded_prompt_positions += decoder.padded_positions
         completions = [self._finish(ids, reason, lps) for ids, reason, lps in results]
         if matchers is not None:
-            for i, c in enumerate(completions):
-                c.truncated = matchers.truncated(i)
+            completions = [_under_constraint(c, matchers, i) for i, c in enumerate(completions)]
         s.batches += 1
         s.prompt_tokens += sum(len(r.prompt_ids) for r in requests)
         s.generated_tokens += sum(c.generated_tokens for c in completions)
@@ -361,6 +360,19 @@ class Engine:
             self.stats.padded_prompt_positions += decoder.padded_positions
         return [Score(self._token_logprobs(list(r.completion_ids), lps))
                 for r, lps in zip(requests, results)]
+
+
+def _under_constraint(c: Completion, matchers, i: int) -> Completion:
+    """A constrained row's completion as the constraint left it: an error row when llguidance
+    stopped the row (a limit it hit; it then allows only EOS, so the text is cut, not the
+    constraint's), else flagged ``truncated`` when it ended incomplete."""
+    problem = matchers.error(i)
+    if problem is not None:
+        return Completion(None, "error", c.generated_tokens, c.token_ids, error=(
+            f"generation.structured: llguidance stopped this row after {c.generated_tokens} "
+            f"tokens: {problem}"))
+    c.truncated = matchers.truncated(i)
+    return c
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:

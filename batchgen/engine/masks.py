@@ -21,7 +21,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from batchgen.spec.constraints import CACHE_SIZE, Constraint, ConstraintError
+from batchgen.spec.constraints import CACHE_SIZE, Constraint, ConstraintError, describe
 
 if TYPE_CHECKING:
     import torch
@@ -134,10 +134,11 @@ class RowMatcher:
 
     @property
     def error(self) -> str | None:
-        """llguidance's error if a token was rejected (not when the masks were applied)."""
+        """llguidance's error once it stopped the row: a limit it hit (a parser row over 2000
+        items, lexer fuel), or a rejected token (never, while its masks are applied)."""
         if self.llm is None or not self.llm.is_error():
             return None
-        return self.llm.get_error().strip().splitlines()[0]
+        return describe(self.llm.get_error())
 
 
 # Masks of at least this many int32 words in all are filled by llguidance's thread pool: at 32

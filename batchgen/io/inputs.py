@@ -150,11 +150,19 @@ def file_format(url: str, declared: str = "auto") -> str:
 
 
 def read_jsonl(url: str, options: dict):
-    """A whole JSON Lines file as a table (one object per line; types inferred per file)."""
+    """A whole JSON Lines file as a table (one object per line; types inferred per file).
+    pyarrow reads in blocks that must each hold whole lines, so the block is sized to the
+    longest line (a document of several MB is one line)."""
+    import io
+
     import pyarrow.json as pj
 
     with open_input(url, options) as f:
-        return pj.read_json(f, read_options=pj.ReadOptions(use_threads=False))
+        data = f.read()
+    longest = max((len(line) for line in data.split(b"\n")), default=0)
+    block = max(1 << 20, longest + 1)
+    return pj.read_json(io.BytesIO(data), read_options=pj.ReadOptions(use_threads=False,
+                                                                       block_size=block))
 
 
 def read_rows(url: str, row_start: int, row_count: int, columns: list[str], options: dict,

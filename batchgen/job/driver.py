@@ -180,7 +180,17 @@ def _connect(address: str | None) -> tuple[bool, bool]:
                                  f"{one_line(e, last=True)}") from None
         return True, False
     # A fresh local instance pinned to loopback, never some other cluster found on the host.
-    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
+    try:
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
+    except Exception as e:  # noqa: BLE001 - Ray raises bare Exceptions for a start that timed out
+        try:
+            ray.shutdown()  # whatever of it did start
+        except Exception:  # noqa: BLE001
+            pass
+        raise BatchgenError(
+            f"could not start a local Ray: {one_line(e).rstrip('.')}. A busy machine can be too "
+            "slow for Ray's start-up: run it again, or start Ray yourself (`ray start --head`) "
+            "and pass --address") from None
     return True, True
 
 

@@ -82,6 +82,64 @@ def fingerprint_parts(spec: JobSpec, files: tuple[InputFile, ...]) -> dict[str, 
     }
 
 
+# Which spec section each part digests.
+_SECTIONS = {"model": "model", "prompt": "input", "generation": "generation", "output": "output"}
+
+
+def changes(changed_parts: list[str], spec: JobSpec, old_spec: dict[str, Any] | None,
+            old_files: tuple[InputFile, ...], version: int) -> list[str]:
+    """What changed, by key, for a refused resume: ``input.completion_column (None ->
+    'answer')``, ``input files: a.parquet changed``. ``old_spec``: the spec stored in job.json
+    (None, or one of another shape, names the part only)."""
+    out = []
+    for part in changed_parts:
+        if part == "input":
+            out.append(_file_changes(spec, old_files, version))
+        elif part in _SECTIONS and isinstance(old_spec, dict) and isinstance(
+                old_spec.get(_SECTIONS[part]), dict):
+            name = _SECTIONS[part]
+            new_doc = getattr(spec, name).model_dump(mode="json")
+            keys = _changed_keys(name, old_spec[name], new_doc)
+            if part == "generation" and old_spec.get("mode", "generate") != spec.mode:
+                keys.insert(0, f"mode ({old_spec.get('mode', 'generate')!r} -> {spec.mode!r})")
+            out += keys or [name]
+        elif part != "engine":
+            out.append(_SECTIONS.get(part, part))
+    return out
+
+
+def _changed_keys(section: str, old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    later = LATER_KEYS.get(section, {})
+    found = []
+    for key in sorted(set(old) | set(new)):
+        if key in NOT_OUTPUT_KEYS.get(section, ()):
+            continue
+        a, b = old.get(key, later.get(key)), new.get(key, later.get(key))
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += _changed_keys(f"{section}.{key}", a, b) or [f"{section}.{key}"]
+        else:
+            found.append(f"{section}.{key} ({_short(a)} -> {_short(b)})")
+    return found
+
+
+def _short(value: Any) -> str:
+    text = repr(tuple(value) if isinstance(value, list) else value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _file_changes(spec: JobSpec, old_files: tuple[InputFile, ...], version: int) -> str:
+    old = {f.url: (f.size, f.etag) for f in old_files}
+    now = {url: (size, etag) for url, size, etag in list_input_files(
+        spec.input.path, input_options(spec), spec.input.format, by_content=version >= 2)}
+    said = [f"{u} changed" for u in sorted(old.keys() & now.keys()) if old[u] != now[u]]
+    said += [f"{u} added" for u in sorted(now.keys() - old.keys())]
+    said += [f"{u} gone" for u in sorted(old.keys() - now.keys())]
+    shown = ", ".join(said[:3]) + (f" and {len(said) - 3} more" if len(said) > 3 else "")
+    return f"input files ({shown or 'listed differently'})"
+
+
 def engine_part(spec: JobSpec) -> str:
     """The engine's version, and with generation.structured the grammar engine's: another
     llguidance may mask differently, so constrained text from two of them is never mixed."""

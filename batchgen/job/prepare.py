@@ -15,7 +15,7 @@ from batchgen.io.modelcache import local_model
 from batchgen.io.modelcheck import check_model, light_tokenizer
 from batchgen.io.storage import Storage
 from batchgen.job.commit import Committer, Task, load_markers
-from batchgen.job.fingerprint import FINGERPRINT_VERSION, current_fingerprint
+from batchgen.job.fingerprint import FINGERPRINT_VERSION, changes, current_fingerprint
 from batchgen.job.lock import JobLock
 from batchgen.job.plan import Plan, check_unique_ids, make_plan
 from batchgen.job.progress import JobProgress, now_iso
@@ -137,19 +137,23 @@ def _plan_or_resume(spec: JobSpec, as_given: JobSpec, out: Storage, force: bool,
     fingerprint, parts = current_fingerprint(spec, old.fingerprint_version, as_given)
     if old.fingerprint == fingerprint and old.fingerprint_version == FINGERPRINT_VERSION:
         return old, False, None
-    changed = [k for k, v in parts.items() if old.fingerprint_parts.get(k) != v]
+    parts_changed = [k for k, v in parts.items() if old.fingerprint_parts.get(k) != v]
     if old.fingerprint_version < 3:  # before the engine was a part: engine version 1
-        changed.append("engine")
-    engine = ("; the engine's version (or, with generation.structured, llguidance's) changed, "
-              "so sampled text from this batchgen differs from the committed shards'"
-              if "engine" in changed else "")
+        parts_changed.append("engine")
+    stored_job = out.read_json_or_none(layout.JOB)
+    changed = changes(parts_changed, spec,
+                      stored_job.get("spec") if isinstance(stored_job, dict) else None,
+                      old.files, old.fingerprint_version)
+    if "engine" in parts_changed:
+        changed.append("the engine's version (or, with generation.structured, llguidance's), so "
+                       "sampled text from this batchgen differs from the committed shards'")
     if not force:
         raise StorageError(
             f"output.path {spec.output.path} holds a different job (changed: "
-            f"{', '.join(changed)}{engine}); use a new output.path, remove the old output, or "
-            "resume anyway with --force (committed shards keep their outputs)"
+            f"{'; '.join(changed)}); use a new output.path, remove the old output, or resume "
+            "anyway with --force (committed shards keep their outputs)"
         )
-    say(f"--force: resuming although {', '.join(changed)} changed; committed shards keep their "
+    say(f"--force: resuming although {'; '.join(changed)} changed; committed shards keep their "
         "outputs, the rest run with the new settings")
     fingerprint, parts = current_fingerprint(spec)
     forced = Plan(fingerprint, parts, old.files, old.shards)

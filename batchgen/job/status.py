@@ -88,9 +88,14 @@ def read_status(output: str, endpoint_url: str | None = None) -> dict[str, Any]:
 
 
 def head_rows(output: str, n: int, endpoint_url: str | None = None) -> list[dict[str, Any]]:
-    """The first ``n`` output rows, reading only the first committed files."""
+    """The first ``n`` output rows (all of them when there are fewer), reading only the first
+    committed files."""
+    import sys
+
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    n = min(n, sys.maxsize)  # pyarrow's slices take C longs
 
     out = _output(output, endpoint_url)
     try:

@@ -23,7 +23,7 @@ import json
 import re
 from typing import Any
 
-from batchgen.shard.postprocess import schema_validator
+from batchgen.shard.postprocess import first_schema_error
 
 _BLOCK = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
 _OPEN, _CLOSE = "<tool_call>", "</tool_call>"
@@ -175,11 +175,10 @@ def _check_against_tools(name: str, args: dict[str, Any],
     if name not in by_name:
         return f"unknown tool; the tools are {', '.join(sorted(by_name))}"
     params = by_name[name].get("parameters", {"type": "object", "properties": {}})
-    problems = sorted(schema_validator(_canonical(params)).iter_errors(args), key=lambda e: list(e.path))
-    if not problems:
+    found = first_schema_error(args, params)
+    if found is None:
         return None
-    where = "/".join(str(p) for p in problems[0].path) or "(root)"
-    return f"arguments do not match the tool's parameters: {where}: {problems[0].message}"
+    return f"arguments do not match the tool's parameters: {found[0]}: {found[1]}"
 
 
 def _kind(value: Any) -> str:

@@ -244,7 +244,9 @@ def _parsed(spec: JobSpec, text: str | None, reason: str, truncated: bool
         return None, ("incomplete: the generation ended before its output was complete under "
                       "generation.structured" + (f" (did it write {spec.generation.reasoning_end!r}?)"
                                                  if spec.generation.reasoning_end else ""))
-    if spec.output.parse == "json" or (s is not None and any(getattr(s, k) for k in _JSON_KINDS)):
+    if s is not None and any(getattr(s, k) for k in _JSON_KINDS):  # the whole text is JSON
+        return postprocess.parse_json(text, spec.output.json_schema)
+    if spec.output.parse == "json":
         return postprocess.parse_generation(text, spec.output.json_schema)
     if s is not None:  # regex, choice, grammar: the text itself, complete
         return text, None

@@ -52,9 +52,17 @@ def _schema_text(schema: dict[str, Any]) -> str:
     return json.dumps(schema, ensure_ascii=False, separators=(",", ":"))
 
 
-def _choice_lark(choices: tuple[str, ...]) -> str:
-    # JSON string literals are Lark string literals in llguidance's dialect (its own "choice" form).
-    return "start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
+# What regex-syntax (llguidance's regex parser) treats as syntax; everything else is literal.
+_REGEX_SYNTAX = frozenset("\\.+*?()|[]{}^$#&-~")
+
+
+def _choice_regex(choices: tuple[str, ...]) -> str:
+    """The choices as one regular expression of literals. One lexeme, so any number of options
+    works: as a Lark alternation of string literals, llguidance's parser holds one item per
+    option and stops past 2000 of them (after the first token, so every row was cut to one
+    character). Same language, so the same token masks (tests/engine/test_structured.py)."""
+    return "|".join("".join("\\" + c if c in _REGEX_SYNTAX else c for c in choice)
+                    for choice in choices)
 
 
 def _source(structured) -> tuple[str, str]:
@@ -66,7 +74,7 @@ def _source(structured) -> tuple[str, str]:
     if structured.regex is not None:
         return "regex", structured.regex
     if structured.choice is not None:
-        return "choice", _choice_lark(tuple(structured.choice))
+        return "choice", _choice_regex(tuple(structured.choice))
     if structured.grammar is not None:
         return "grammar", structured.grammar
     raise ValueError("structured: no constraint given")
@@ -91,7 +99,7 @@ def _compiled(kind: str, text: str, where: str) -> Constraint | str:
     elif kind == "regex":
         grammar, what = LLMatcher.grammar_from_regex(text), "invalid regular expression"
     elif kind == "choice":
-        grammar, what = LLMatcher.grammar_from_lark(text), "cannot compile the choices"
+        grammar, what = LLMatcher.grammar_from_regex(text), "cannot compile the choices"
     elif kind == "grammar":
         grammar, what = LLMatcher.grammar_from_lark(text), "invalid Lark grammar"
     else:
@@ -99,7 +107,65 @@ def _compiled(kind: str, text: str, where: str) -> Constraint | str:
     error = LLMatcher.validate_grammar(grammar)
     if error:
         return f"{where}: {what}: {_one_line(error)}"
+    problem = _first_steps(grammar)
+    if problem:
+        return f"{where}: {problem}"
     return Constraint(kind, grammar)
+
+
+class _Bytes:
+    """A tokenizer of the 256 bytes and an end-of-sequence token: the finest one a model can
+    have, for checking a grammar before the model's tokenizer is at hand."""
+
+    eos_token_id, bos_token_id = 256, None
+    tokens = [bytes([i]) for i in range(256)] + [b""]
+    special_token_ids = [256]
+
+    def __call__(self, text):
+        return list(text.encode() if isinstance(text, str) else text)
+
+
+@lru_cache(maxsize=1)
+def _byte_tokenizer():
+    from llguidance import LLTokenizer, TokenizerWrapper
+
+    return LLTokenizer(TokenizerWrapper(_Bytes()), n_vocab=257)
+
+
+def _allowed(matcher) -> list[int]:
+    mask = matcher.compute_bitmask()
+    return [t for t in range(257) if mask[t // 8] >> (t % 8) & 1]
+
+
+def _first_steps(grammar: str) -> str | None:
+    """Why generation under ``grammar`` cannot get going, found by walking its first byte with
+    the byte tokenizer; None when it can. Catches what validating the grammar does not: a
+    language with no text in it (a regex that matches nothing, ``{$ref: "#"}``) and llguidance's
+    limits that bite from the first token (an alternation over 2000 options, a recursion whose
+    every step is one short lexeme), which would otherwise end every row after a character."""
+    from llguidance import LLMatcher
+
+    matcher = LLMatcher(_byte_tokenizer(), grammar, log_level=0)
+    if matcher.is_error():  # it names a token the bytes lack: the replica's tokenizer decides
+        return None
+    allowed = _allowed(matcher)
+    if matcher.is_error() or allowed == [256] and not matcher.is_accepting():
+        return f"no text can satisfy it ({describe(matcher.get_error()) or 'nothing may start it'})"
+    first = next((t for t in allowed if t != 256), None)
+    if first is not None:
+        matcher.consume_token(first)
+        _allowed(matcher)
+        if matcher.is_error():
+            return f"llguidance cannot follow it: {describe(matcher.get_error())}"
+    return None
+
+
+def describe(error: str) -> str:
+    """llguidance's error text (a matcher's ``get_error``) as one line for a user."""
+    first = error.strip().splitlines()[0] if error.strip() else ""
+    if first in ("NoExtension", "NoExtensionBias"):
+        return f"llguidance: {first}, no token can continue the text"
+    return first
 
 
 def _checked(kind: str, text: str, where: str) -> Constraint:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from batchgen.spec.base import _Section
 
@@ -105,7 +105,8 @@ class GenerationSpec(_Section):
         description="Per generated token, its id, text and log-probability plus the K likeliest "
         "alternatives (0: the chosen token only), and each row's cumulative_logprob. From the "
         "model's distribution before temperature, top-k/top-p, repetition penalty and any "
-        "constraint. With mode: score, the per-token log-probabilities of the completion.",
+        "constraint. With mode: score, the per-token log-probabilities of the completion. "
+        "false is off (as null) and true is 0, as OpenAI's logprobs flag.",
     )
     reasoning_end: str | None = Field(
         default=None,
@@ -113,6 +114,12 @@ class GenerationSpec(_Section):
         "before it goes to the `reasoning` column, the rest to `generation`, and a constraint "
         "applies only after it.",
     )
+
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _logprobs_flag(cls, value: Any) -> Any:
+        # `logprobs: false` read as K = 0 turned them on.
+        return {False: None, True: 0}.get(value, value) if isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _sampling_for_many(self) -> GenerationSpec:

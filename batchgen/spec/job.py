@@ -13,6 +13,10 @@ from batchgen.spec.model import ModelSpec
 from batchgen.spec.output import OutputSpec
 from batchgen.spec.resources import ResourcesSpec, StorageSpec
 
+# What shapes sampling, which a score job does not do: each must keep its default there.
+_SAMPLING = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0, "stop": (),
+             "ignore_eos": False, "dedupe": False, "reasoning_end": None}
+
 
 class JobSpec(_Section):
     name: str | None = Field(default=None, description="A name for logs and the manifest.")
@@ -43,6 +47,13 @@ class JobSpec(_Section):
             if g.n != 1 or g.structured is not None or i.long_documents == "chunk":
                 raise ValueError("mode: score scores one given completion per row: it takes no "
                                  "generation.n > 1, generation.structured or long_documents: chunk")
+            ignored = [f"generation.{k}" for k, default in _SAMPLING.items()
+                       if getattr(g, k) != default]
+            if ignored:
+                raise ValueError(
+                    f"mode: score takes no {', '.join(ignored)}: scores are the model's own "
+                    "log-probabilities of the given completion, and nothing is sampled, stopped "
+                    "or deduplicated; remove them")
         elif i.completion_column is not None:
             raise ValueError("input.completion_column needs mode: score")
         s = g.structured

@@ -57,12 +57,29 @@ def check_tools(tools: tuple[dict[str, Any], ...], key: str) -> tuple[dict[str, 
 
 
 def call_schema(tools: tuple[dict[str, Any], ...]) -> dict[str, Any]:
-    """The JSON Schema of one call of one of ``tools``: {"name": ..., "arguments": {...}}."""
-    options = [{
-        "type": "object",
-        "properties": {"name": {"const": t["function"]["name"]},
-                       "arguments": t["function"]["parameters"]},
-        "required": ["name", "arguments"],
-        "additionalProperties": False,
-    } for t in tools]
-    return options[0] if len(options) == 1 else {"anyOf": options}
+    """The JSON Schema of one call of one of ``tools``: {"name": ..., "arguments": {...}}.
+    Each tool's parameters sit at ``arguments``, so their local refs (``#/$defs/city``, ``#``)
+    are moved there with them."""
+    def option(tool: dict[str, Any], at: str) -> dict[str, Any]:
+        return {
+            "type": "object",
+            "properties": {"name": {"const": tool["function"]["name"]},
+                           "arguments": _moved(tool["function"]["parameters"], at)},
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+
+    if len(tools) == 1:
+        return option(tools[0], "/properties/arguments")
+    return {"anyOf": [option(t, f"/anyOf/{i}/properties/arguments") for i, t in enumerate(tools)]}
+
+
+def _moved(schema: Any, at: str) -> Any:
+    """``schema`` with every ``$ref`` that points into itself (``#`` or ``#/...``) rewritten to
+    point into its new place ``at`` (a JSON pointer) in an enclosing schema."""
+    if isinstance(schema, dict):
+        return {k: "#" + at + v[1:] if k == "$ref" and isinstance(v, str)
+                and (v == "#" or v.startswith("#/")) else _moved(v, at) for k, v in schema.items()}
+    if isinstance(schema, list):
+        return [_moved(v, at) for v in schema]
+    return schema

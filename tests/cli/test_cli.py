@@ -294,3 +294,41 @@ def test_status_of_a_running_job_from_its_status_json(tmp_path):
         "state:    in_progress", "shards:   1/4 committed, 0 failed",
         "requests: 10/40 completed, 0 failed", "tokens:   120 generated, 12.5 tok/s",
         "eta:      30s"]
+
+
+def test_show_with_more_rows_than_any_output_shows_them_all(tmp_path):
+    # -n 99999999999999999999 ended in an OverflowError traceback (pyarrow's int64 slice).
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "out" / "data").mkdir(parents=True)
+    pq.write_table(pa.table({"row_id": ["a", "b"], "sample_index": [0, 0],
+                             "finish_reason": ["stop", "stop"], "generation": ["x", "y"],
+                             "error": [None, None]}),
+                   tmp_path / "out" / "data" / "part-000000.parquet")
+    r = CliRunner().invoke(main, ["show", str(tmp_path / "out"), "-n", "99999999999999999999"])
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines() == ["a#0 [stop] 'x'", "b#0 [stop] 'y'"]
+
+
+def test_a_local_ray_that_cannot_start_is_one_error_line(tmp_path, prompts_dir, monkeypatch):
+    # On a busy machine Ray's own start-up can time out; that printed a traceback, exit 1.
+    import ray
+
+    def slow_start(*args, **kwargs):
+        raise Exception("The current node timed out during startup. This could happen because "
+                        "some of the raylet failed to startup or the GCS has become overloaded.")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", slow_start)
+    out = tmp_path / "out"
+    job = write_job(tmp_path, spec_dict(str(prompts_dir), str(out), "m",
+                                        model={"engine": "echo"}))
+    r = CliRunner().invoke(main, ["run", job, "--no-progress"])
+    assert r.exit_code == 2, r.output
+    assert r.stderr.strip().splitlines() == [
+        "error: could not start a local Ray: The current node timed out during startup. This "
+        "could happen because some of the raylet failed to startup or the GCS has become "
+        "overloaded. A busy machine can be too slow for Ray's start-up: run it again, or start "
+        "Ray yourself (`ray start --head`) and pass --address"]
+    assert json.loads((out / "status.json").read_text())["state"] == "failed"

@@ -25,7 +25,9 @@ from batchgen.cli import main
 
 
 def job_yaml(**sections) -> str:
-    return yaml.safe_dump(spec_dict("in", "{out}", "m", **sections))
+    """A job file's YAML; dict values update whole sections, others (mode) are set as they are."""
+    raw = spec_dict("in", "{out}", "m", **{k: v for k, v in sections.items() if isinstance(v, dict)})
+    return yaml.safe_dump({**raw, **{k: v for k, v in sections.items() if not isinstance(v, dict)}})
 
 
 GOOD = job_yaml()
@@ -125,6 +127,38 @@ CASES = [
      "Invalid value for '-n' / '--rows': 0 is not in the range x>=1"),
     ("show -n -3", None, {}, ["show", "{out}", "-n", "-3"],
      "Invalid value for '-n' / '--rows': -3 is not in the range x>=1"),
+    # -- round 2 (issue 18): constraints the library cannot follow, refused at load ------------
+    ("schema that can never complete", job_yaml(generation={"structured": {"json_schema": {
+        "$ref": "#"}}}), {}, ["plan", "{job}"],
+     "job.yaml: generation.structured: json_schema: no text can satisfy it (llguidance: "
+     "NoExtensionBias"),
+    ("regex that matches nothing", job_yaml(generation={"structured": {"regex": "[^\\s\\S]"}}),
+     {}, ["plan", "{job}"], "job.yaml: generation.structured: regex: no text can satisfy it"),
+    ("grammar that never ends", job_yaml(generation={"structured": {"grammar": 'start: "ab" start'}}),
+     {}, ["plan", "{job}"], "job.yaml: generation.structured: grammar: llguidance cannot follow "
+     "it: parser error: Too many items"),
+    ("schema with a NaN bound", OK_INPUT + "output: {path: '{out}'}\ngeneration: {structured: "
+     "{json_schema: {type: number, maximum: .nan}}}\n", {}, ["plan", "{job}"],
+     "generation.structured: json_schema: not a valid JSON Schema: maximum: NaN is not a number "
+     "JSON can hold"),
+    ("output schema with an infinite bound", OK_INPUT + "output: {path: '{out}', parse: json, "
+     "json_schema: {properties: {a: {minimum: -.inf}}}}\n", {}, ["plan", "{job}"],
+     "output: json_schema is not a valid JSON Schema: properties/a/minimum: -Infinity is not a "
+     "number JSON can hold"),
+    ("score with stop strings", job_yaml(mode="score", input={"completion_column": "c"},
+                                         generation={"stop": ["\n"], "dedupe": True}),
+     {}, ["plan", "{job}"], "mode: score takes no generation.stop, generation.dedupe: scores are "
+     "the model's own log-probabilities"),
+    ("score with ignore_eos and reasoning", job_yaml(mode="score", input={"completion_column": "c"},
+                                                     generation={"ignore_eos": True,
+                                                                 "reasoning_end": "</think>"}),
+     {}, ["plan", "{job}"], "mode: score takes no generation.ignore_eos, generation.reasoning_end"),
+    ("--set choice of YAML booleans", GOOD, {},
+     ["plan", "{job}", "--set", "generation.structured.choice=[yes, no]"],
+     "generation.structured.choice: item 1 is a YAML boolean (an unquoted yes/no/on/off/true/"
+     "false), not text; quote each item, e.g. ['yes', 'no']"),
+    ("a YAML boolean for a number", GOOD, {}, ["run", "{job}", "--set", "generation.top_k=no"],
+     "generation.top_k: expected a number, not a YAML boolean"),
 ]
 
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import pyarrow.parquet as pq
 import pytest
 from conftest import spec_dict
 
@@ -267,8 +268,8 @@ def test_a_plan_of_an_earlier_engine_resumes_only_with_force(tmp_path, prompts_d
     assert "engine" not in old["fingerprint_parts"]
     old["fingerprint"] = _digest(old["fingerprint_parts"])
     out.write_json(layout.PLAN, old)
-    with JobLock(out) as lock, pytest.raises(BatchgenError, match=r"changed: engine; the "
-                                             r"engine's version .*changed.*--force"):
+    with JobLock(out) as lock, pytest.raises(BatchgenError, match=r"changed: the engine's "
+                                             r"version .*differs from the committed.*--force"):
         prepare(spec, spec, out, lock, force=False, retry_failed=False, say=quiet)
     with JobLock(out) as lock:
         job = prepare(spec, spec, out, lock, force=True, retry_failed=False, say=quiet)
@@ -305,3 +306,25 @@ def test_a_driver_taken_over_leaves_the_status_to_the_new_holder(tmp_path, promp
     assert not out.exists(layout.failed_path(job.tasks[0].shard.shard_id))
     assert not out.exists(layout.INDEX)
     lock.release()
+
+
+def test_a_refused_resume_names_the_keys_and_files_that_changed(tmp_path, prompts_dir):
+    # It named only the section ("changed: generation"), and for input.completion_column the
+    # fingerprint's part ("prompt").
+    spec, out = _completed_echo_job(tmp_path, prompts_dir, errors=0)
+    raw = json.loads(json.dumps(spec.model_dump(mode="json")))
+    raw["mode"] = "score"
+    raw["input"]["completion_column"] = "topic"
+    raw["generation"]["max_new_tokens"] = 40
+    raw["output"]["parse"] = "json"
+    changed = parse_spec(raw)
+    with JobLock(out) as lock, pytest.raises(BatchgenError) as e:
+        prepare(changed, changed, out, lock, force=False, retry_failed=False, say=quiet)
+    assert ("holds a different job (changed: input.completion_column (None -> 'topic'); mode "
+            "('generate' -> 'score'); generation.max_new_tokens (12 -> 40); output.parse ('none' "
+            "-> 'json')); use a new output.path") in str(e.value)
+    # An input file rewritten in place is named too.
+    pq.write_table(pq.read_table(prompts_dir / "part-1.parquet").slice(1), prompts_dir / "part-1.parquet")
+    with JobLock(out) as lock, pytest.raises(BatchgenError, match=r"changed: input files \(\S*"
+                                             r"part-1.parquet changed\)"):
+        prepare(spec, spec, out, lock, force=False, retry_failed=False, say=quiet)

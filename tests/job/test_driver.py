@@ -78,7 +78,8 @@ def test_local_job_two_replicas(ray_local, tiny_model, prompts_dir, tmp_path):
     # A changed spec on the same output is refused, naming what changed.
     changed = parse_spec(spec_dict(str(prompts_dir), str(out), tiny_model,
                                    generation={**SAMPLING, "seed": 4}))
-    with pytest.raises(StorageError, match="holds a different job \\(changed: generation\\)"):
+    with pytest.raises(StorageError, match=r"holds a different job \(changed: generation.seed "
+                                           r"\(3 -> 4\)\)"):
         run_job(changed, live=False, log=quiet)
 
 

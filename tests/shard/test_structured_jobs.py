@@ -384,3 +384,77 @@ def test_a_structured_spec_survives_job_json(tmp_path):
     dumped = spec.model_dump(mode="json")
     assert dumped["generation"]["structured"]["json"] is True
     assert parse_spec(json.loads(json.dumps(dumped))) == spec
+
+
+# -- what the constraint library says (issue 18, hostile input round 2) --------------------------
+
+
+def test_a_choice_of_thousands_of_options_gives_whole_options(tmp_path, engine):
+    # Over ~2000 options llguidance's parser stopped after the first token: every row was cut
+    # after one character and the job reported no error.
+    options = [f"label {i}" for i in range(2500)]
+    result, rows = run_job(tmp_path, engine, table(4), generation={
+        "max_new_tokens": 8, "temperature": 1.0, "structured": {"choice": options}})
+    assert result.errors == 0 and result.parse_errors == 0
+    assert all(r["generation"] in options and r["parsed"] == r["generation"] for r in rows)
+
+
+@pytest.mark.parametrize("path", ["slots", "hf"])
+def test_a_row_the_constraint_library_stops_is_an_error_row_saying_why(tmp_path, tiny_model,
+                                                                        engine, path):
+    # Five letters, then one of 2500 words: llguidance's parser holds one item per word and
+    # stops past 2000, only once the words are reached (the spec check's first steps pass).
+    words = " | ".join(json.dumps(f"w{i}") for i in range(2500))
+    grammar = f'start: /[a-z]{{5}}/ " " word\nword: {words}'
+    if path == "hf":
+        from batchgen.spec import GenerationSpec
+
+        engine = Engine.load(ModelSpec(path=tiny_model), GenerationSpec(), ResourcesSpec())
+        engine.path = "hf"
+    result, rows = run_job(tmp_path, engine, table(3), generation={
+        "max_new_tokens": 16, "structured": {"grammar": grammar}})
+    assert result.errors == 3, rows
+    for r in rows:
+        assert r["finish_reason"] == "error" and r["generation"] is None
+        assert r["error"].startswith("generation.structured: llguidance stopped this row after ")
+        assert "Current row has 2501 items; max is 2000" in r["error"]
+
+
+NON_OBJECTS = [{"type": "string", "maxLength": 8}, {"enum": ["red", "green", 3]}, {},
+               {"type": "array", "items": {"type": "integer"}, "maxItems": 3}]
+
+
+@pytest.mark.parametrize("schema", NON_OBJECTS, ids=["string", "enum", "anything", "array"])
+def test_a_schema_that_is_not_an_object_parses_its_valid_output(tmp_path, engine, schema):
+    # The constrained output was right, then reported "no JSON object in the text".
+    result, rows = run_job(tmp_path, engine, table(4), generation={
+        "max_new_tokens": 24, "temperature": 1.0, "structured": {"json_schema": schema}})
+    for r in rows:
+        if r["finish_reason"] == "length":
+            continue  # `{}` allows objects that outgrow the budget: truncated, said so
+        assert r["parse_error"] is None, (r["generation"], r["parse_error"])
+        value = json.loads(r["generation"])
+        jsonschema.validate(value, schema)
+        assert json.loads(r["parsed"]) == value
+
+
+def test_a_tool_whose_parameters_use_defs_can_be_called_under_tool_call(tmp_path, engine):
+    # A valid schema with $defs/$ref was refused under tool_call ("Pointer '/$defs/city' does
+    # not exist"): the call schema nests the parameters, so their refs must follow them.
+    tools = [{"name": "weather", "parameters": {
+        "type": "object", "required": ["city"], "additionalProperties": False,
+        "properties": {"city": {"$ref": "#/$defs/city"}},
+        "$defs": {"city": {"enum": ["Paris", "Rome", "Oslo"]}}}},
+        {"name": "now", "parameters": {"type": "object", "properties": {},
+                                       "additionalProperties": False}}]
+    result, rows = run_job(tmp_path, engine, table(4), input={"chat": True, "tools": tools},
+                           generation={"max_new_tokens": 40, "temperature": 1.0,
+                                       "structured": {"tool_call": True}})
+    assert result.errors == 0
+    for r in rows:
+        if r["finish_reason"] == "length":
+            continue
+        assert r["parse_error"] is None, r
+        [call] = r["tool_calls"]
+        if call["name"] == "weather":
+            assert json.loads(call["arguments"])["city"] in ("Paris", "Rome", "Oslo")

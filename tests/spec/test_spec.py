@@ -151,3 +151,28 @@ def test_encryption_settings_are_no_credentials(tmp_path):
     msg = error_of(tmp_path, GOOD + "storage: {options: {s3_additional_kwargs: "
                    "{SSECustomerKey: secret}}}\n")
     assert "storage.options.s3_additional_kwargs.SSECustomerKey" in msg
+
+
+@pytest.mark.parametrize("value, k", [("false", None), ("no", None), ("true", 0), ("0", 0),
+                                      ("5", 5)])
+def test_logprobs_false_is_off_and_true_is_the_chosen_token_only(tmp_path, value, k):
+    # `logprobs: false` was read as K = 0 and turned logprobs on.
+    spec = load_spec(write(tmp_path, GOOD), [f"generation.logprobs={value}"])
+    assert spec.generation.logprobs == k
+    assert ("logprobs" in spec.optional_columns()) == (k is not None)
+
+
+@pytest.mark.parametrize("key", ["generation.n", "generation.max_new_tokens", "generation.top_k",
+                                 "generation.temperature", "resources.replicas",
+                                 "resources.gpus_per_replica"])
+def test_a_yaml_boolean_is_not_a_number(tmp_path, key):
+    message = error_of(tmp_path, GOOD, [f"{key}=yes"])
+    assert f"{key}: expected a number, not a YAML boolean" in message
+
+
+def test_booleans_where_text_is_meant_say_to_quote_them(tmp_path):
+    message = error_of(tmp_path, GOOD, ["generation.stop=[on, '###']"])
+    assert ("generation.stop: item 1 is a YAML boolean (an unquoted yes/no/on/off/true/false), "
+            "not text; quote each item") in message
+    assert load_spec(write(tmp_path, GOOD), ["generation.stop=['on', '###']"]).generation.stop \
+        == ("on", "###")
