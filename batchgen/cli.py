@@ -147,12 +147,9 @@ def resume(output, endpoint_url, overrides, replicas, address, progress, force, 
 def _run(spec, address, progress, force, retry_failed) -> None:
     from batchgen.job.driver import run_job
 
-    s = run_job(spec, address=address, live=progress, force=force, retry_failed=retry_failed)
-    click.echo(
-        f"completed: {s.rows} rows, {s.outputs} outputs ({s.errors} errors), "
-        f"{s.generated_tokens} tokens in {s.seconds:.1f}s "
-        f"({s.tokens_per_second:.1f} tok/s) -> {s.output}"
-    )
+    summary = run_job(spec, address=address, live=progress, force=force,
+                      retry_failed=retry_failed)
+    click.echo(summary.line())
 
 
 @main.command()

@@ -21,6 +21,7 @@ import re
 import shlex
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -70,6 +71,15 @@ def dashboard_address(address: str | None) -> str:
     return address if "://" in address else f"http://{address}"
 
 
+@contextmanager
+def _hidden_env(*names: str) -> Iterator[None]:
+    saved = {n: os.environ.pop(n) for n in names if n in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 class Cluster:
     """A Ray cluster's Jobs API, with Ray's errors turned into messages that say what to do."""
 
@@ -83,7 +93,11 @@ class Cluster:
         token, self._token_source = auth_token()
         self._had_token = token is not None
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.client = self._call(lambda: JobSubmissionClient(self.address, headers=headers))
+        with _hidden_env("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+            # Ray's SDK lets these override the address it is given: `list --address A` listed
+            # the jobs of RAY_ADDRESS's cluster. The address resolved here (--address, else
+            # RAY_ADDRESS) is the one used.
+            self.client = self._call(lambda: JobSubmissionClient(self.address, headers=headers))
 
     def _call(self, fn: Callable[[], Any], job_id: str | None = None) -> Any:
         from ray.exceptions import AuthenticationError

@@ -121,7 +121,8 @@ def test_scoring_job_on_s3_ranks_the_fluent_answer_first(ray_local, tiny_model, 
     out = f"{s3_bucket}/scores"
     spec = example_job("score-answers.yaml", monkeypatch, **{
         "model.path": tiny_model, "output.path": out, "storage.endpoint_url": s3_endpoint})
-    assert run_job(spec, live=False, log=quiet).state == "completed"
+    summary = run_job(spec, live=False, log=quiet)
+    assert summary.state == "completed"
     fs, root = fsspec.core.url_to_fs(out, **storage_options(out, s3_endpoint))
     rows = []
     for path in sorted(fs.ls(f"{root}/data", detail=False)):
@@ -136,6 +137,11 @@ def test_scoring_job_on_s3_ranks_the_fluent_answer_first(ray_local, tiny_model, 
     for answers in by_question.values():
         best = max(answers, key=lambda r: r["completion_logprob"])
         assert best["kind"] == "fluent"
+    # The summary line counts the tokens scored (it said "0 tokens": none are generated).
+    scored = sum(r["completion_tokens"] for r in rows)
+    assert summary.scored_tokens == scored and summary.generated_tokens == 0
+    assert summary.line().startswith(f"completed: 24 rows, 24 outputs (0 errors), {scored} tokens "
+                                     "scored in ")
 
 
 def test_json_parsing_and_schema():

@@ -11,6 +11,20 @@ class PromptTooLong(ValueError):
     """The prompt is longer than model.max_input_tokens and truncation is 'error'."""
 
 
+def fit_prompt(ids: list[int], limit: int | None, truncation: str) -> tuple[int, ...]:
+    """A prompt's tokens within ``limit`` (model.max_input_tokens), cut from the side
+    ``truncation`` says (model.truncation: left keeps the end); raises PromptTooLong for
+    ``error``."""
+    if limit is None or len(ids) <= limit:
+        return tuple(ids)
+    if truncation == "error":
+        raise PromptTooLong(
+            f"prompt has {len(ids)} tokens, more than model.max_input_tokens={limit} "
+            "(set model.truncation to left or right to cut it instead)"
+        )
+    return tuple(ids[-limit:] if truncation == "left" else ids[:limit])
+
+
 @dataclass(frozen=True)
 class Request:
     prompt_ids: tuple[int, ...]

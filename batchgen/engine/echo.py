@@ -4,8 +4,7 @@
 from __future__ import annotations
 
 from batchgen.engine.completions import (
-    Completion, EngineStats, Request, Score, ScoreRequest, TokenLogprob
-)
+    Completion, EngineStats, Request, Score, ScoreRequest, TokenLogprob, fit_prompt)
 from batchgen.spec import GenerationSpec
 
 
@@ -15,11 +14,12 @@ class EchoEngine:
 
     TEXT = "[echo]"
 
-    def __init__(self, generation: GenerationSpec, max_input_tokens: int | None = None):
+    def __init__(self, generation: GenerationSpec, max_input_tokens: int | None = None,
+                 truncation: str = "left"):
         self.gen = generation
         self.tokenizer = None
         self.max_input_tokens = max_input_tokens
-        self.truncation = "left"
+        self.truncation = truncation
         self.stats = EngineStats()
 
     def tokenize(self, texts: list[str], *, chat: bool = False) -> list[list[int]]:
@@ -29,8 +29,7 @@ class EchoEngine:
         return self.tokenize(texts)
 
     def fit(self, ids: list[int]) -> tuple[int, ...]:
-        limit = self.max_input_tokens
-        return tuple(ids if limit is None else ids[-limit:])
+        return fit_prompt(ids, self.max_input_tokens, self.truncation)
 
     def generate(self, requests: list[Request]) -> list[Completion]:
         self.stats.batches += 1 if requests else 0

@@ -33,8 +33,7 @@ import torch
 from batchgen.engine import probe
 from batchgen.engine.backoff import NonFiniteLogits, failure, free_memory, in_float32, run_or_split
 from batchgen.engine.completions import (
-    Completion, EngineStats, PromptTooLong, Request, Score, ScoreRequest, TokenLogprob
-)
+    Completion, EngineStats, Request, Score, ScoreRequest, TokenLogprob, fit_prompt)
 from batchgen.engine.decoder import SlotDecoder
 from batchgen.engine.echo import EchoEngine
 from batchgen.engine.hfdecode import HFDecoder
@@ -48,7 +47,7 @@ log = logging.getLogger("batchgen.engine")
 
 def load_engine(model: ModelSpec, generation: GenerationSpec, resources: ResourcesSpec):
     if model.engine == "echo":
-        return EchoEngine(generation, model.max_input_tokens)
+        return EchoEngine(generation, model.max_input_tokens, model.truncation)
     return Engine.load(model, generation, resources)
 
 
@@ -205,15 +204,7 @@ class Engine:
 
     def fit(self, ids: list[int]) -> tuple[int, ...]:
         """Apply model.max_input_tokens and model.truncation; raises PromptTooLong."""
-        limit = self.max_input_tokens
-        if limit is None or len(ids) <= limit:
-            return tuple(ids)
-        if self.truncation == "error":
-            raise PromptTooLong(
-                f"prompt has {len(ids)} tokens, more than model.max_input_tokens={limit} "
-                "(set model.truncation to left or right to cut it instead)"
-            )
-        return tuple(ids[-limit:] if self.truncation == "left" else ids[:limit])
+        return fit_prompt(ids, self.max_input_tokens, self.truncation)
 
     # -- generation ------------------------------------------------------------------------
 

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
+from urllib.parse import urlsplit
 
 from batchgen.errors import ModelError, one_line
 from batchgen.spec import GenerationSpec, InputSpec, ModelSpec
@@ -36,7 +39,7 @@ class ModelFiles:
     tokenizer_json: str | None  # local path of tokenizer.json, if the model has one
 
 
-def _file(model: ModelSpec, name: str) -> str | None:
+def _file(model: ModelSpec, name: str, required: bool = False) -> str | None:
     """Local path of one of the model's files, or None if it has no such file."""
     if os.path.isdir(model.path):
         path = os.path.join(model.path, name)
@@ -44,21 +47,54 @@ def _file(model: ModelSpec, name: str) -> str | None:
     if os.path.exists(model.path) or model.path.startswith(("/", ".", "~")):
         raise ModelError(f"model.path {model.path}: not a model directory")
     try:  # a hub id; huggingface_hub imports no torch
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError
-
-        try:
-            return hf_hub_download(model.path, name, revision=model.revision)
-        except EntryNotFoundError:
-            return None
+        return _hub_file(model, name, required)
     except ModelError:
         raise
     except Exception as e:  # noqa: BLE001 - network, auth, unknown repo
         raise ModelError(f"model.path {model.path}: cannot fetch {name}: {one_line(e)}") from None
 
 
+def _hub_file(model: ModelSpec, name: str, required: bool) -> str | None:
+    """A file of a hub model, through huggingface_hub's cache. An unreachable hub is found out
+    at once, not after huggingface_hub's retries (about 30 s per file), and said in words."""
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    offline = bool(constants.HF_HUB_OFFLINE)
+    unreachable = None if offline else _unreachable(constants.ENDPOINT)
+    try:
+        return hf_hub_download(model.path, name, revision=model.revision,
+                               local_files_only=offline or unreachable is not None)
+    except LocalEntryNotFoundError:  # (an EntryNotFoundError too: caught first)
+        if not required:
+            return None
+        where = (f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} ({unreachable}) to "
+                 f"fetch {name}, and it is not in the local cache" if unreachable else
+                 f"HF_HUB_OFFLINE is set and {name} is not in the local Hugging Face cache")
+        raise ModelError(f"model.path {model.path}: {where}; download the model first, or point "
+                         "model.path at a local directory or an s3:// one") from None
+    except EntryNotFoundError:
+        return None
+
+
+@lru_cache(maxsize=4)
+def _unreachable(endpoint: str) -> str | None:
+    """Why nothing answers at the hub's address (one TCP connect, a few seconds at most), or
+    None. Behind a proxy (HTTPS_PROXY ...) the hub is only reached through it: not checked."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
+                                       "ALL_PROXY", "all_proxy")):
+        return None
+    url = urlsplit(endpoint)
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https"
+                                                                   else 80)), timeout=5):
+            return None
+    except OSError as e:
+        return e.strerror or str(e) or type(e).__name__
+
+
 def _json(model: ModelSpec, name: str, required: bool) -> dict[str, Any]:
-    path = _file(model, name)
+    path = _file(model, name, required)
     if path is None:
         if required:
             raise ModelError(f"model.path {model.path}: cannot load the model config: no {name}")

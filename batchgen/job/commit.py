@@ -197,6 +197,7 @@ def manifest(spec: JobSpec, plan: Plan, markers: list[dict[str, Any]]) -> dict[s
         "error_rows": sum(m["errors"] for m in markers),
         "prompt_tokens": sum(m["prompt_tokens"] for m in markers),
         "generated_tokens": sum(m["generated_tokens"] for m in markers),
+        "scored_tokens": sum(m.get("scored_tokens", 0) for m in markers),
         **{k: sum(m.get(k, 0) for m in markers)
            for k in ("parsed", "parse_errors", "duplicates_removed", "chunked_rows", "chunks")},
         "files": [

@@ -42,8 +42,17 @@ class JobSummary:
     outputs: int
     errors: int
     generated_tokens: int
-    tokens_per_second: float
+    tokens_per_second: float  # generated (or scored) tokens per second of this run
     seconds: float
+    scored_tokens: int = 0  # mode: score
+
+    def line(self) -> str:
+        """What ``batchgen run`` prints at the end."""
+        tokens = (f"{self.scored_tokens} tokens scored" if self.scored_tokens
+                  and not self.generated_tokens else f"{self.generated_tokens} tokens")
+        return (f"{self.state}: {self.rows} rows, {self.outputs} outputs ({self.errors} errors), "
+                f"{tokens} in {self.seconds:.1f}s ({self.tokens_per_second:.1f} tok/s) -> "
+                f"{self.output}")
 
 
 def run_job(
@@ -153,6 +162,7 @@ def _finalize(job: Job, started: float) -> JobSummary:
         generated_tokens=progress.generated_tokens,
         tokens_per_second=progress.tokens_per_second,
         seconds=time.monotonic() - started,
+        scored_tokens=progress.scored_tokens,
     )
 
 

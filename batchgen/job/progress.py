@@ -36,6 +36,7 @@ class JobProgress:
         self.error_rows = 0
         self.prompt_tokens = 0
         self.generated_tokens = 0
+        self.scored_tokens = 0  # mode: score
         self.created_at = now_iso()
         self.finished_at: str | None = None
         self.error: str | None = None
@@ -48,7 +49,7 @@ class JobProgress:
         for m in markers:
             self._add(m)
         self._rows_at_start = self.rows_done
-        self._gen_at_start = self.generated_tokens
+        self._gen_at_start = self.generated_tokens + self.scored_tokens
 
     def committed(self, marker: dict[str, Any], replaces: dict[str, Any] | None = None) -> None:
         """A shard committed; ``replaces`` is its earlier marker when only its error rows ran
@@ -64,6 +65,7 @@ class JobProgress:
         self.error_rows += sign * m["errors"]
         self.prompt_tokens += sign * m["prompt_tokens"]
         self.generated_tokens += sign * m["generated_tokens"]
+        self.scored_tokens += sign * m.get("scored_tokens", 0)
 
     def start(self) -> None:
         self.state = "in_progress"
@@ -71,6 +73,7 @@ class JobProgress:
 
     def finish(self, state: str, error: str | None = None) -> None:
         self.state, self.error, self.finished_at = state, error, now_iso()
+        self.running = 0  # whatever was in flight is committed or abandoned now
 
     # -- figures ---------------------------------------------------------------------------
 
@@ -80,7 +83,8 @@ class JobProgress:
 
     @property
     def tokens_per_second(self) -> float:
-        return (self.generated_tokens - self._gen_at_start) / self.elapsed
+        """Tokens generated (or, in a score job, scored) per second by this run."""
+        return (self.generated_tokens + self.scored_tokens - self._gen_at_start) / self.elapsed
 
     @property
     def rows_per_second(self) -> float:
@@ -109,7 +113,8 @@ class JobProgress:
                 "failed": self.error_rows,
             },
             "rows": {"total": self.total_rows, "done": self.rows_done},
-            "tokens": {"prompt": self.prompt_tokens, "generated": self.generated_tokens},
+            "tokens": {"prompt": self.prompt_tokens, "generated": self.generated_tokens,
+                       "scored": self.scored_tokens},
             "tokens_per_second": round(self.tokens_per_second, 2),
             "rows_per_second": round(self.rows_per_second, 3),
             "eta_seconds": None if eta is None else round(eta, 1),

@@ -117,6 +117,7 @@ class Scheduler:
                         self._started(ref)
                     else:
                         self._collect(ref, queue)
+                self.progress.running = len(self.inflight)
                 self.display.update()
                 self._write_status()
         finally:

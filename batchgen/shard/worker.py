@@ -22,7 +22,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from batchgen.engine.engine import Engine, PromptTooLong, Request, ScoreRequest, load_engine
+from batchgen.engine.completions import PromptTooLong, Request, ScoreRequest
+from batchgen.engine.engine import Engine, load_engine
 from batchgen.engine.versions import ENGINE_VERSION
 from batchgen.errors import ShardError, SpecError
 from batchgen.io import layout
@@ -56,6 +57,7 @@ class ShardResult:
     chunks: int = 0  # windows summarized
     staged_chunks: str | None = None  # the window summaries, staged beside the data
     engine: dict[str, Any] = field(default_factory=dict)  # version, path (and why) of the engine
+    scored_tokens: int = 0  # completion tokens scored (mode: score)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -145,6 +147,8 @@ class ShardWorker:
             parsed = result.column("parse_error").null_count
             counts["parsed"] = parsed
             counts["parse_errors"] = n_out - parsed
+        if "completion_tokens" in result.column_names:  # mode: score
+            counts["scored_tokens"] = sum(t or 0 for t in result.column("completion_tokens").to_pylist())
         if "chunks" in result.column_names:
             per_row = result.column("chunks").to_pylist()
             counts["chunked_rows"] = sum(1 for c in per_row if c)

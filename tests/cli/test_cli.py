@@ -177,8 +177,7 @@ def fake_driver(monkeypatch) -> list:
 
     def run_job(spec, **kwargs):
         specs.append(spec)
-        return types.SimpleNamespace(rows=0, outputs=0, errors=0, generated_tokens=0, seconds=1.0,
-                                     tokens_per_second=0.0, output=spec.output.path)
+        return types.SimpleNamespace(line=lambda: f"completed: -> {spec.output.path}")
 
     driver.run_job = run_job
     monkeypatch.setitem(sys.modules, "batchgen.job.driver", driver)

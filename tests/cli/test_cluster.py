@@ -265,3 +265,23 @@ def test_unknown_job_id_and_unreachable_cluster(cluster):
     assert r.returncode == 2 and "no job batchgen-nope-00000000-1 on" in r.stderr
     r = cluster.batchgen("list", "--address", f"http://127.0.0.1:{free_port()}")
     assert r.returncode == 2 and "cannot reach the Ray Jobs API" in r.stderr
+
+
+def test_an_explicit_address_wins_over_ray_address(cluster, first_job):
+    # RAY_ADDRESS in the environment overrode --address in Ray's Jobs SDK: `list --address A`
+    # listed cluster B's jobs, and `stop` could act on the wrong cluster. Here RAY_ADDRESS names
+    # a port where nothing answers, so only --address can give these answers.
+    job_id = first_job[0].stdout.splitlines()[0]
+    env = {**cluster.user_env, "RAY_ADDRESS": f"http://127.0.0.1:{free_port()}",
+           "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{free_port()}"}
+    listing = cluster.batchgen("list", "--address", cluster.address, env=env)
+    assert listing.returncode == 0 and job_id in listing.stdout, listing.stderr
+    status = cluster.batchgen("status", job_id, "--address", cluster.address, env=env)
+    assert status.returncode == 0 and "ray:      SUCCEEDED" in status.stdout, status.stderr
+    logs = cluster.batchgen("logs", job_id, "--address", cluster.address, env=env)
+    assert logs.returncode == 0 and "completed: 48 rows" in logs.stdout, logs.stderr
+    stop = cluster.batchgen("stop", job_id, "--address", cluster.address, env=env)
+    assert stop.returncode == 0 and stop.stdout.strip() == f"{job_id}: SUCCEEDED", stop.stderr
+    # Without --address, RAY_ADDRESS is the cluster (and here nothing answers there).
+    r = cluster.batchgen("list", env=env)
+    assert r.returncode == 2 and "cannot reach the Ray Jobs API" in r.stderr

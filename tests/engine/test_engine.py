@@ -2,7 +2,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from batchgen.engine.engine import Engine, PromptTooLong, Request
+from batchgen.engine import Engine, PromptTooLong, Request
 from batchgen.errors import ModelError
 from batchgen.io.modelcheck import check_model
 from batchgen.spec import GenerationSpec, InputSpec, ModelSpec, ResourcesSpec
@@ -319,7 +319,7 @@ def test_grouped_prefill_keeps_padding_low_and_outputs_equal(engine):
 
 
 def test_echo_engine_needs_no_model():
-    from batchgen.engine.engine import EchoEngine, load_engine
+    from batchgen.engine import EchoEngine, load_engine
 
     eng = load_engine(ModelSpec(path="none", engine="echo"), GenerationSpec(), ResourcesSpec())
     assert isinstance(eng, EchoEngine)

@@ -15,7 +15,7 @@ import logging
 import pytest
 import torch
 
-from batchgen.engine.engine import Engine, Request
+from batchgen.engine import Engine, Request
 from batchgen.engine.graphs import StepGraphs, graph_rows
 from batchgen.engine.loading import load_tokenizer
 from batchgen.spec import GenerationSpec, ModelSpec

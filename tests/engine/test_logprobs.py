@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
+from batchgen.engine import Engine, Request, ScoreRequest
 from batchgen.engine.attention import use_own
-from batchgen.engine.engine import Engine, Request, ScoreRequest
 from batchgen.engine.loading import load_tokenizer
 from batchgen.spec import GenerationSpec, ModelSpec
 

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from batchgen.engine.sampling import (
-    SAMPLER_VERSION, Sampler, _noise_bits, gumbel_noise, mark_seen, seen_from_prompts)
+    SAMPLER_VERSION, Sampler, _noise_bits, gumbel_noise, mark_seen, seen_from_prompts
+)
 from batchgen.spec import GenerationSpec
 
 SEEDS = 4000  # samples per distribution: 120+ expected draws for every token allowed below

@@ -12,9 +12,9 @@ import pytest
 import torch
 from archs import EOS, PAD, REFUSED, SERVABLE, SLIDING, VOCAB, ZooTokenizer, build
 
+from batchgen.engine import Engine, Request
 from batchgen.engine.attention import NAME, Decode, key_length, use_own
 from batchgen.engine.decoder import SlotDecoder
-from batchgen.engine.engine import Engine, Request
 from batchgen.engine.prefill import MIN_ROWS, PREFILL_BLOCK, round_up
 from batchgen.engine.sampling import Sampler
 from batchgen.spec import GenerationSpec
@@ -485,7 +485,7 @@ def test_scores_equal_the_models_own_logprobs(arch):
     """Teacher-forced scores on whichever path the architecture takes (slot path, or the
     Hugging Face path left-padded with only the last positions' logits) equal log_softmax of
     the model's own logits over the unpadded prompt + completion."""
-    from batchgen.engine.engine import ScoreRequest
+    from batchgen.engine import ScoreRequest
 
     model = build(arch)
     eng = zoo_engine(model)

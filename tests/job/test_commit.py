@@ -328,3 +328,15 @@ def test_a_refused_resume_names_the_keys_and_files_that_changed(tmp_path, prompt
     with JobLock(out) as lock, pytest.raises(BatchgenError, match=r"changed: input files \(\S*"
                                              r"part-1.parquet changed\)"):
         prepare(spec, spec, out, lock, force=False, retry_failed=False, say=quiet)
+
+
+def test_a_finished_run_has_no_shard_running():
+    # status.json of completed outputs said "running": 1: the last count the scheduler fed.
+    from batchgen.job.progress import JobProgress
+
+    progress = JobProgress(name=None, output="o", total_shards=3, total_rows=3, n=1)
+    progress.start()
+    progress.running = 2
+    for state in ("completed", "failed", "cancelled"):
+        progress.finish(state)
+        assert progress.status()["shards"]["running"] == 0

@@ -41,6 +41,7 @@ def check_complete(fs, out: str, input_ids: list[str], n: int, shards: int) -> l
     assert fs.exists(f"{out}/_SUCCESS")
     status = json.loads(fs.cat(f"{out}/status.json"))
     assert status["state"] == "completed"
+    assert status["shards"]["running"] == 0  # was the last feed's count: "running": 1
     assert status["request_counts"] == {"total": len(input_ids) * n, "completed": len(rows), "failed": 0}
     assert len(fs.ls(f"{out}/_batchgen/done")) == shards
     staging = f"{out}/_batchgen/staging"

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import spec_dict
 
-from batchgen.engine.engine import Engine, Request
+from batchgen.engine import Engine, Request
 from batchgen.errors import SpecError
 from batchgen.job.plan import make_plan
 from batchgen.shard.worker import ShardWorker
@@ -200,6 +200,8 @@ def test_scoring_bad_completions_are_error_rows(tmp_path, engine):
     assert by_id["r2"]["error"] == "completion column 'answer' is empty"
     assert "more than generation.max_new_tokens=16" in by_id["r3"]["error"]
     assert result.errors == 3
+    assert result.scored_tokens == by_id["r0"]["completion_tokens"] > 0
+    assert result.generated_tokens == 0
 
 
 # -- reasoning, tools ---------------------------------------------------------------------
@@ -354,7 +356,7 @@ def test_long_documents_are_reduced_under_the_constraint(tmp_path, engine):
 
 
 def test_a_completion_without_tokens_is_that_rows_error(tmp_path):
-    from batchgen.engine.engine import EchoEngine
+    from batchgen.engine import EchoEngine
     from batchgen.spec import GenerationSpec
 
     src = tmp_path / "in.parquet"
