@@ -1,6 +1,7 @@
 # Every target installs what it needs into .venv first; `make demo` and `make test` work on a
 # fresh machine. torch is pinned in the install step so pip takes the CPU build on disk here
 # (pyproject.toml keeps torch>=2.4 for everyone else).
+SHELL  := /bin/bash
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -63,11 +64,14 @@ test-fast: install
 	$(BIN)/python -m pytest -m "not ray and not s3 and not slow" --durations=5 $(PYTEST_ARGS)
 
 # Side-by-side performance figures as JSON lines (see README "Performance"); not part of `make test`.
+# Each benchmark's lines also go to benchmarks/results-<name>-<date>.jsonl (-quick with BENCH_ARGS),
+# its last line the machine's load while it ran.
+BENCH_DATE ?= $(shell date +%Y-%m-%d)
+BENCH_SUFFIX = $(BENCH_DATE)$(if $(BENCH_ARGS),-quick)
 bench: tiny-model
-	cd benchmarks && ../$(BIN)/python bench_engine.py $(BENCH_ARGS)
-	cd benchmarks && ../$(BIN)/python bench_system.py $(BENCH_ARGS)
-	cd benchmarks && ../$(BIN)/python bench_driver.py $(BENCH_ARGS)
-	cd benchmarks && ../$(BIN)/python bench_structured.py $(BENCH_ARGS)
+	set -o pipefail; for b in engine system driver structured; do \
+	  (cd benchmarks && ../$(BIN)/python bench_$$b.py $(BENCH_ARGS) | tee results-$$b-$(BENCH_SUFFIX).jsonl) || exit 1; \
+	done
 
 # A local multi-node Ray cluster on 127.0.0.1 (head with the dashboard + WORKERS worker nodes) to
 # try `batchgen submit` on one machine; see cluster/README.md. The venv goes first on PATH so the

@@ -21,7 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import REPO, emit, log
+from common import REPO, cpu_pressure, emit, environment, log
 
 RUN = r"""
 import json, resource, sys, time
@@ -178,6 +178,7 @@ def main() -> None:
     # moto takes ~180 PUT/s here, so writing 99k markers would take ~9 minutes: 10k by default.
     ap.add_argument("--s3-resume-shards", type=int, default=10_000)
     args = ap.parse_args()
+    pressure_start = cpu_pressure()
     sys.path.insert(0, str(REPO))
     with tempfile.TemporaryDirectory(prefix="bg-driver-") as tmp:
         tmp = Path(tmp)
@@ -185,6 +186,7 @@ def main() -> None:
             throughput(tmp, shards)
         resume_local(tmp, 2_000 if args.quick else args.resume_shards)
         resume_s3(tmp, 2_000 if args.quick else args.s3_resume_shards)
+    environment(pressure_start)
 
 
 if __name__ == "__main__":

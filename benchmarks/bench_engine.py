@@ -34,7 +34,7 @@ import random
 
 import torch
 from common import (
-    Timer, common_token_prefix, cpu_pressure, emit, log, prompt_lengths, random_prompts,
+    Timer, common_token_prefix, cpu_pressure, emit, environment, log, prompt_lengths, random_prompts,
     shared_prefix_prompts, tiny_model
 )
 
@@ -314,7 +314,9 @@ def bench_eos(name, model, tokenizer, count, slots, rounds, new_tokens=96) -> No
     s = engine.stats
     emit(bench="eos_occupancy", model=name, path=engine.path,
          busy_occupancy=rounded(s.busy_occupancy), occupancy=rounded(s.occupancy),
-         decode_steps_per_round=s.decode_steps // rounds, **target_fields(s.busy_occupancy, 0.9),
+         decode_steps_per_round=s.decode_steps // rounds,
+         hf_path_decode_steps_per_round=engines["hf"].stats.decode_steps // rounds,
+         **target_fields(s.busy_occupancy, 0.9),
          note="busy_occupancy: live rows / slots while requests waited for a slot; "
               "occupancy: over all decode steps, the queue's drain included")
 
@@ -339,6 +341,7 @@ def main() -> None:
     ap.add_argument("--only", choices=["greedy", "synthetic", "eos"],
                     help="one section (default: all)")
     args = ap.parse_args()
+    pressure_start = cpu_pressure()
     quick = args.quick
     run = (lambda section: args.only in (None, section))
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -382,9 +385,7 @@ def main() -> None:
             bench_eos("tiny", tiny, tok, count=64 if quick else 256, slots=16 if quick else 32,
                       rounds=1 if quick else 3)
         log(f"tiny eos: {t.seconds:.1f}s")
-    emit(bench="environment", torch_threads=torch.get_num_threads(), cpu_pressure=cpu_pressure(),
-         note="cpu_pressure: /proc/pressure/cpu 'some' avg300 at the end (%): other work on "
-              "the shared cores; each ratio is measured side by side to cancel it out")
+    environment(pressure_start)
 
 
 if __name__ == "__main__":

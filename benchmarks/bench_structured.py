@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 from bench_engine import gpt2_small_random, make_engine, rounded, target_fields, timed_generate
-from common import Timer, cpu_pressure, emit, log, tiny_model
+from common import Timer, cpu_pressure, emit, environment, log, tiny_model
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "batchgen-bench"
 GPT2ISH = CACHE / "gpt2ish-50257"
@@ -480,12 +480,7 @@ def main() -> None:
                 rounds=1 if quick else 2, slots=32, score_pairs=4 if quick else 32,
                 new_tokens=24 if quick else MAX_NEW)
     summary(results)
-    emit(bench="environment", torch_threads=torch.get_num_threads(),
-         cpu_pressure_start=pressure_start, cpu_pressure=cpu_pressure(),
-         seconds=round(total.seconds, 1), tokenizer_cache=str(GPT2ISH),
-         note="cpu_pressure: /proc/pressure/cpu 'some' avg300 (%) at the start and the end: "
-              "other work on the shared cores; each ratio is measured side by side to cancel it "
-              "out")
+    environment(pressure_start, seconds=round(total.seconds, 1), tokenizer_cache=str(GPT2ISH))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from common import Timer, emit, log, tiny_model
+from common import Timer, cpu_pressure, emit, environment, log, tiny_model
 
 TOPICS = ["rivers", "robots", "tea", "gardens", "the moon", "cities", "birds", "music"]
 
@@ -87,6 +87,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
+    pressure_start = cpu_pressure()
     rows, new_tokens = (128, 16) if args.quick else (2048, 64)
     model = tiny_model()
     with tempfile.TemporaryDirectory(prefix="bg-bench-") as tmp:
@@ -113,6 +114,7 @@ def main() -> None:
              note="full batchgen run (2 replicas x 1 CPU, steady state) / engine alone")
         emit(bench="replica_scaling", two_over_one=round(results[2] / results[1], 2),
              note="2 replicas x 1 CPU vs 1 replica x 2 CPU, steady state, same machine")
+    environment(pressure_start)
 
 
 if __name__ == "__main__":

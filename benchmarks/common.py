@@ -89,3 +89,15 @@ def cpu_pressure() -> float | None:
         return None
     fields = dict(f.split("=") for f in line.split()[1:])
     return float(fields["avg300"]) if "avg300" in fields else None
+
+
+def environment(pressure_start: float | None, **extra) -> None:
+    """The machine's load while a benchmark ran, as its last line: what else shared the cores
+    (every ratio is measured side by side to cancel it out, but a figure is read with it)."""
+    import torch
+
+    emit(bench="environment", torch_threads=torch.get_num_threads(),
+         cpu_pressure_start=pressure_start, cpu_pressure=cpu_pressure(),
+         load_average=[round(x, 2) for x in os.getloadavg()], **extra,
+         note="cpu_pressure: /proc/pressure/cpu 'some' avg300 (%) at the start and the end: the "
+              "share of time runnable work waited for a CPU; load_average: 1/5/15 min at the end")

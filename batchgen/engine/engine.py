@@ -276,6 +276,7 @@ class Engine:
                                 logprobs=self.gen.logprobs)
             results = decoder.run(requests)
             s.padded_prompt_positions += decoder.padded_positions
+            s.decode_steps += decoder.steps
         completions = [self._finish(ids, reason, lps) for ids, reason, lps in results]
         if matchers is not None:
             completions = [_under_constraint(c, matchers, i) for i, c in enumerate(completions)]

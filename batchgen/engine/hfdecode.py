@@ -48,6 +48,7 @@ class HFDecoder:
         self.logprobs = logprobs
         self.device = next(model.parameters()).device
         self.padded_positions = 0
+        self.steps = 0  # decode steps (forward passes after the prefill)
         self._keep_last = True
         self._can_stack_caches = not has_sliding_window(model.config)
 
@@ -121,6 +122,7 @@ class HFDecoder:
             mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
             out = self.model(input_ids=step_tokens, attention_mask=mask, position_ids=next_pos,
                              past_key_values=cache, use_cache=True)
+            self.steps += 1
             logits = _last_logits(out)
             next_pos = next_pos + 1
         return list(zip(generated, reasons, logprobs))
