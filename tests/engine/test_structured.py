@@ -315,3 +315,47 @@ def test_the_spec_check_imports_no_torch():
 def test_a_constraint_is_hashable_text():
     c = Constraint("regex", "x")
     assert {c: 1}[Constraint("regex", "x")] == 1
+
+
+@pytest.mark.parametrize("choices", [
+    ("yes", "no", "maybe", "yes please", "a.b", "c|d", "e-f", "x y", "naïve", "new\nline", "(x)",
+     "[1]", "$5", "a*b", "#tag", "~t", "&", 'say "hi"\\'),
+    ("The cat", "The cat sees", "The", "river", "The river remembers a red apple"),
+], ids=["metacharacters", "prefixes"])
+def test_a_choice_as_one_regex_masks_as_the_lark_alternation_did(choices, tokenizer):
+    """The choice constraint moved from a Lark alternation of literals (which llguidance stops
+    past 2000 options) to one regular expression of literals: the same language, so the same
+    mask at every step, hence no text changes and no engine version bump."""
+    import random
+
+    import llguidance.hf
+    from llguidance import LLMatcher
+
+    vocab = len(tokenizer)
+    words = (vocab + 31) // 32
+    lt = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab, eos_token=tokenizer.eos_token_id)
+    lark = LLMatcher.grammar_from_lark("start: " + " | ".join(
+        json.dumps(c, ensure_ascii=False) for c in choices))
+    now = constraint_for(spec(choice=choices)).grammar
+
+    def mask(m):
+        t = torch.zeros(words, dtype=torch.int32)
+        m.unsafe_compute_mask_ptr(t.data_ptr(), 4 * words)
+        return t
+
+    rng = random.Random(0)
+    texts = set()
+    for _ in range(40):
+        a, b = LLMatcher(lt, lark), LLMatcher(lt, now)
+        ids = []
+        while True:
+            ma, mb = mask(a), mask(b)
+            assert torch.equal(ma, mb), tokenizer.decode(ids)
+            token = rng.choice(allowed_ids(ma, vocab))
+            if token == tokenizer.eos_token_id:
+                break
+            a.consume_token(token)
+            b.consume_token(token)
+            ids.append(token)
+        texts.add(tokenizer.decode(ids))
+    assert texts <= set(choices) and len(texts) > 1
