@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 
 from batchgen.engine.completions import EngineStats
+from batchgen.errors import one_line
 
 
 class NonFiniteLogits(RuntimeError):
@@ -87,7 +88,7 @@ def failure(e: BaseException) -> str:
     if isinstance(e, NonFiniteLogits):
         return str(e)
     if isinstance(e, MemoryError) or is_oom(e):
-        return f"out of memory: {str(e).splitlines()[0][:200]}"
+        return f"out of memory: {one_line(e, 200)}"
     raise e
 
 

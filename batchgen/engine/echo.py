@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 from batchgen.engine.completions import (
-    Completion, EngineStats, Request, Score, ScoreRequest, TokenLogprob, fit_prompt)
+    Completion, EngineStats, Request, Score, ScoreRequest, TokenLogprob, fit_prompt
+)
 from batchgen.spec import GenerationSpec
 
 

@@ -33,7 +33,8 @@ import torch
 from batchgen.engine import probe
 from batchgen.engine.backoff import NonFiniteLogits, failure, free_memory, in_float32, run_or_split
 from batchgen.engine.completions import (
-    Completion, EngineStats, Request, Score, ScoreRequest, TokenLogprob, fit_prompt)
+    Completion, EngineStats, Request, Score, ScoreRequest, TokenLogprob, fit_prompt
+)
 from batchgen.engine.decoder import SlotDecoder
 from batchgen.engine.echo import EchoEngine
 from batchgen.engine.hfdecode import HFDecoder

@@ -22,6 +22,8 @@ from typing import Any, Callable
 
 import torch
 
+from batchgen.errors import one_line
+
 log = logging.getLogger("batchgen.engine")
 
 Tensors = dict[str, torch.Tensor]
@@ -98,7 +100,7 @@ class StepGraphs:
             static_out = graph.capture(lambda: self.step(key, static_in), self.pool)
         except Exception as e:  # noqa: BLE001 - any capture failure: run eagerly, never fail
             self.enabled = False
-            self.failure = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            self.failure = f"{type(e).__name__}: {one_line(str(e), 200)}"
             self.graphs.clear()
             log.warning("batchgen: CUDA graph capture failed, decoding eagerly: %s", self.failure)
             return eager

@@ -72,7 +72,7 @@ class Grammars:
         self.stats.compiles += 1
         if template.is_error():
             raise ConstraintError(f"{constraint.kind}: cannot compile: "
-                                  f"{template.get_error().strip().splitlines()[0]}")
+                                  f"{describe(template.get_error())}")
         self._compiled[constraint.grammar] = template
         if len(self._compiled) > CACHE_SIZE:
             self._compiled.popitem(last=False)

@@ -18,6 +18,7 @@ import torch
 
 from batchgen.engine.attention import NAME, Unsupported, use_own, use_slots
 from batchgen.engine.completions import Request
+from batchgen.errors import one_line
 
 log = logging.getLogger("batchgen.engine")
 
@@ -45,7 +46,7 @@ def probe(model: Any, make_decoder, context: int | None) -> tuple[bool, str]:
     except Unsupported as e:
         ok, why = False, str(e)
     except Exception as e:  # noqa: BLE001 - any failure means: use the other path
-        ok, why = False, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        ok, why = False, f"{type(e).__name__}: {one_line(str(e), 200)}"
     if not ok:
         use_own(model)
     return ok, why

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from fsspec.core import url_to_fs
 
-from batchgen.errors import InputError
+from batchgen.errors import InputError, one_line
 
 GLOB_CHARS = set("*?[")
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
@@ -127,7 +127,7 @@ def read_schema(url: str, options: dict, fmt: str = "auto"):
             table = read_jsonl(url, options)
         except Exception as e:  # noqa: BLE001
             raise InputError(f"{url}: not a readable JSON Lines file (one object per line): "
-                             f"{str(e).splitlines()[0]}") from None
+                             f"{one_line(e)}") from None
         return table.schema, table.num_rows
     try:
         with open_input(url, options) as f:
@@ -151,16 +151,15 @@ def file_format(url: str, declared: str = "auto") -> str:
 
 def read_jsonl(url: str, options: dict):
     """A whole JSON Lines file as a table (one object per line; types inferred per file).
-    pyarrow reads in blocks that must each hold whole lines, so the block is sized to the
-    longest line (a document of several MB is one line)."""
+    pyarrow parses in blocks that must each hold whole lines (a document of several MB is one
+    line), so the file, read whole anyway, is one block (up to pyarrow's 2 GiB)."""
     import io
 
     import pyarrow.json as pj
 
     with open_input(url, options) as f:
         data = f.read()
-    longest = max((len(line) for line in data.split(b"\n")), default=0)
-    block = max(1 << 20, longest + 1)
+    block = min(max(1 << 20, len(data) + 1), (1 << 31) - 1)
     return pj.read_json(io.BytesIO(data), read_options=pj.ReadOptions(use_threads=False,
                                                                        block_size=block))
 

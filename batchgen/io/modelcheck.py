@@ -65,12 +65,17 @@ def _hub_file(model: ModelSpec, name: str, required: bool) -> str | None:
     try:
         return hf_hub_download(model.path, name, revision=model.revision,
                                local_files_only=offline or unreachable is not None)
-    except LocalEntryNotFoundError:  # (an EntryNotFoundError too: caught first)
+    except LocalEntryNotFoundError as e:  # (an EntryNotFoundError too: caught first)
         if not required:
             return None
-        where = (f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} ({unreachable}) to "
-                 f"fetch {name}, and it is not in the local cache" if unreachable else
-                 f"HF_HUB_OFFLINE is set and {name} is not in the local Hugging Face cache")
+        if offline:
+            where = f"HF_HUB_OFFLINE is set and {name} is not in the local Hugging Face cache"
+        elif unreachable:
+            where = (f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} ({unreachable}) "
+                     f"to fetch {name}, and it is not in the local cache")
+        else:  # it answered, but the download failed (a proxy, a mirror, a server error)
+            where = (f"cannot fetch {name} from the Hugging Face Hub at {constants.ENDPOINT} "
+                     f"({one_line(e.__cause__ or e)}), and it is not in the local cache")
         raise ModelError(f"model.path {model.path}: {where}; download the model first, or point "
                          "model.path at a local directory or an s3:// one") from None
     except EntryNotFoundError:

@@ -87,14 +87,17 @@ _SECTIONS = {"model": "model", "prompt": "input", "generation": "generation", "o
 
 
 def changes(changed_parts: list[str], spec: JobSpec, old_spec: dict[str, Any] | None,
-            old_files: tuple[InputFile, ...], version: int) -> list[str]:
+            old_files: tuple[InputFile, ...], version: int,
+            as_given: JobSpec | None = None) -> list[str]:
     """What changed, by key, for a refused resume: ``input.completion_column (None ->
     'answer')``, ``input files: a.parquet changed``. ``old_spec``: the spec stored in job.json
-    (None, or one of another shape, names the part only)."""
+    (None, or one of another shape, names the part only). ``as_given``: the spec as the user
+    spelled it, whose paths version-1 plans stored."""
     out = []
     for part in changed_parts:
         if part == "input":
-            out.append(_file_changes(spec, old_files, version))
+            out.append(_file_changes(as_given if version == 1 and as_given else spec,
+                                     old_files, version))
         elif part in _SECTIONS and isinstance(old_spec, dict) and isinstance(
                 old_spec.get(_SECTIONS[part]), dict):
             name = _SECTIONS[part]

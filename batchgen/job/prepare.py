@@ -140,10 +140,8 @@ def _plan_or_resume(spec: JobSpec, as_given: JobSpec, out: Storage, force: bool,
     parts_changed = [k for k, v in parts.items() if old.fingerprint_parts.get(k) != v]
     if old.fingerprint_version < 3:  # before the engine was a part: engine version 1
         parts_changed.append("engine")
-    stored_job = out.read_json_or_none(layout.JOB)
-    changed = changes(parts_changed, spec,
-                      stored_job.get("spec") if isinstance(stored_job, dict) else None,
-                      old.files, old.fingerprint_version)
+    changed = changes(parts_changed, spec, _stored_spec(out), old.files,
+                      old.fingerprint_version, as_given)
     if "engine" in parts_changed:
         changed.append("the engine's version (or, with generation.structured, llguidance's), so "
                        "sampled text from this batchgen differs from the committed shards'")
@@ -158,6 +156,16 @@ def _plan_or_resume(spec: JobSpec, as_given: JobSpec, out: Storage, force: bool,
     fingerprint, parts = current_fingerprint(spec)
     forced = Plan(fingerprint, parts, old.files, old.shards)
     return forced, False, {**_job_doc(spec, forced), "forced_from": old.fingerprint}
+
+
+def _stored_spec(out: Storage) -> dict[str, Any] | None:
+    """The spec in the output's job.json, to name the keys that changed; None if it is missing
+    or damaged (the refusal then names the parts of the fingerprint)."""
+    try:
+        job = out.read_json_or_none(layout.JOB)
+    except (OSError, ValueError):  # unreadable, not JSON, not UTF-8
+        return None
+    return job.get("spec") if isinstance(job, dict) else None
 
 
 def _job_doc(spec: JobSpec, plan: Plan) -> dict[str, Any]:

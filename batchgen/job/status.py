@@ -166,9 +166,11 @@ def format_status(st: dict) -> str:
         f"shards:   {sh['completed']}/{sh['total']} committed, {sh['failed']} failed",
         f"requests: {rc.get('completed')}/{rc.get('total')} completed, {rc.get('failed')} failed",
     ]
-    if isinstance(st.get("tokens"), dict):
-        lines.append(f"tokens:   {st['tokens'].get('generated')} generated, "
-                     f"{st.get('tokens_per_second', 0)} tok/s")
+    tokens = st.get("tokens")
+    if isinstance(tokens, dict):
+        made = (f"{tokens['scored']} scored" if tokens.get("scored") and not tokens.get("generated")
+                else f"{tokens.get('generated')} generated")
+        lines.append(f"tokens:   {made}, {st.get('tokens_per_second', 0)} tok/s")
     if isinstance(st.get("eta_seconds"), (int, float)) and st["state"] == "in_progress":
         lines.append(f"eta:      {st['eta_seconds']:.0f}s")
     if st.get("error"):

@@ -168,39 +168,47 @@ def _row_windows(spec: JobSpec, engine: Engine, row: dict[str, Any], row_id: str
     return windows, len(doc_ids)
 
 
+def _template_tokens(spec: JobSpec, row: dict[str, Any], count: Any, tokenizer: Any) -> int:
+    """Tokens the prompt of ``row`` takes beside its document (the template and the chat
+    wrapping around a one-space document); ``count``: text -> its number of tokens. Raises
+    RowError when the template cannot render the row."""
+    inp = spec.input
+    text = prompts.wrap_prompt(spec, prompts.render(inp, {**row, inp.chunk_column: " "}),
+                               tokenizer)
+    return count(text)
+
+
 def _default_window(spec: JobSpec, engine: Engine, row: dict[str, Any]) -> int:
     """Document tokens that fit in the input budget beside the template and chat wrapping."""
-    inp = spec.input
-    empty = prompts.wrap_prompt(spec, prompts.render(inp, {**row, inp.chunk_column: " "}),
-                                engine.tokenizer)
-    overhead = len(engine.tokenize([empty], chat=inp.chat)[0])
+    overhead = _template_tokens(spec, row, lambda t: len(engine.tokenize(
+        [t], chat=spec.input.chat)[0]), engine.tokenizer)
     return max(16, engine.max_input_tokens - overhead - WINDOW_MARGIN)
 
 
 def check_windows(spec: JobSpec, tokenizer: Any, budget: int | None) -> None:
     """Refuse, when the job is planned, a chunking setup that would make every row an error
     row: windows (``input.chunk_tokens``) that cannot fit beside the template in the prompt
-    budget, or an overlap (``input.chunk_overlap``) not smaller than the largest window that
-    can. The template is rendered with empty columns, so a row's own columns only make its
-    room smaller (and such a row an error row). ``tokenizer``: a transformers-like tokenizer
-    (the plan's light one, no torch)."""
+    budget, or an overlap (``input.chunk_overlap``) not smaller than the largest default window.
+    The template is rendered with empty columns, so a row's own columns only make its room
+    smaller (and such a row an error row). ``tokenizer``: a transformers-like tokenizer (the
+    plan's light one, no torch)."""
     inp = spec.input
     if budget is None:
         return
-    row = {c: "" for c in prompts.needed_columns(inp)} | {inp.chunk_column: " "}
     try:
-        empty = prompts.wrap_prompt(spec, prompts.render(inp, row), tokenizer)
+        overhead = _template_tokens(
+            spec, dict.fromkeys(prompts.needed_columns(inp), ""),
+            lambda t: len(tokenizer([t], add_special_tokens=not inp.chat)["input_ids"][0]),
+            tokenizer)
     except prompts.RowError:
         return  # a template that cannot render empty columns: its rows are checked one by one
-    overhead = len(tokenizer([empty], add_special_tokens=not inp.chat)["input_ids"][0])
-    room = budget - overhead - WINDOW_MARGIN
+    room = budget - overhead
     if inp.chunk_tokens is not None and inp.chunk_tokens > room:
         raise SpecError(
             f"input.chunk_tokens={inp.chunk_tokens} does not fit: the template takes {overhead} "
             f"of model.max_input_tokens={budget} tokens, which leaves at most {room} for a "
-            f"window ({WINDOW_MARGIN} kept free); lower input.chunk_tokens to {max(room, 1)} or "
-            "less")
-    window = max(16, room)  # what _default_window gives a row whose columns are empty
+            f"window; lower input.chunk_tokens to {max(room, 1)} or less")
+    window = max(16, room - WINDOW_MARGIN)  # what _default_window gives a row of empty columns
     if inp.chunk_tokens is None and inp.chunk_overlap >= window:  # (the spec checks the other)
         raise SpecError(
             f"input.chunk_overlap={inp.chunk_overlap} is not smaller than the window of at most "

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from batchgen.errors import one_line
+
 # JSON is written as json.dumps writes it (", " and ": ") with no other whitespace: the shape
 # models saw most, and flexible whitespace lets a weak model emit blanks until max_new_tokens. A
 # schema can still opt in with "x-guidance": {"whitespace_flexible": true} (these are defaults).
@@ -162,7 +164,7 @@ def _first_steps(grammar: str) -> str | None:
 
 def describe(error: str) -> str:
     """llguidance's error text (a matcher's ``get_error``) as one line for a user."""
-    first = error.strip().splitlines()[0] if error.strip() else ""
+    first = one_line(error)
     if first in ("NoExtension", "NoExtensionBias"):
         return f"llguidance: {first}, no token can continue the text"
     return first

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -47,13 +48,15 @@ class JobSpec(_Section):
             if g.n != 1 or g.structured is not None or i.long_documents == "chunk":
                 raise ValueError("mode: score scores one given completion per row: it takes no "
                                  "generation.n > 1, generation.structured or long_documents: chunk")
-            ignored = [f"generation.{k}" for k, default in _SAMPLING.items()
-                       if getattr(g, k) != default]
+            ignored = [k for k, default in _SAMPLING.items() if getattr(g, k) != default]
             if ignored:
+                reset = " ".join(f"--set generation.{k}={json.dumps(_SAMPLING[k])}" for k in ignored)
                 raise ValueError(
-                    f"mode: score takes no {', '.join(ignored)}: scores are the model's own "
-                    "log-probabilities of the given completion, and nothing is sampled, stopped "
-                    "or deduplicated; remove them")
+                    f"mode: score takes no {', '.join('generation.' + k for k in ignored)}: "
+                    "scores are the model's own log-probabilities of the given completion, and "
+                    "nothing is sampled, stopped or deduplicated; remove them (an output an "
+                    f"earlier batchgen scored with them set resumes with {reset} --force: they "
+                    "never changed a score)")
         elif i.completion_column is not None:
             raise ValueError("input.completion_column needs mode: score")
         s = g.structured

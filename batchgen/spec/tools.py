@@ -74,12 +74,25 @@ def call_schema(tools: tuple[dict[str, Any], ...]) -> dict[str, Any]:
     return {"anyOf": [option(t, f"/anyOf/{i}/properties/arguments") for i, t in enumerate(tools)]}
 
 
+# Keywords whose values are data, not schemas: a "$ref" inside them is a value to match.
+_DATA_KEYWORDS = ("const", "enum", "default", "examples")
+
+
 def _moved(schema: Any, at: str) -> Any:
     """``schema`` with every ``$ref`` that points into itself (``#`` or ``#/...``) rewritten to
-    point into its new place ``at`` (a JSON pointer) in an enclosing schema."""
-    if isinstance(schema, dict):
-        return {k: "#" + at + v[1:] if k == "$ref" and isinstance(v, str)
-                and (v == "#" or v.startswith("#/")) else _moved(v, at) for k, v in schema.items()}
+    point into its new place ``at`` (a JSON pointer) in an enclosing schema. Values of data
+    keywords are left as they are, and so is a subschema with its own ``$id`` (its refs resolve
+    against that)."""
     if isinstance(schema, list):
         return [_moved(v, at) for v in schema]
-    return schema
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key == "$ref" and isinstance(value, str) and (value == "#" or value.startswith("#/")):
+            out[key] = "#" + at + value[1:]
+        elif key in _DATA_KEYWORDS or (isinstance(value, dict) and "$id" in value):
+            out[key] = value
+        else:
+            out[key] = _moved(value, at)
+    return out

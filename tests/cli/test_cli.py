@@ -318,6 +318,7 @@ def test_a_local_ray_that_cannot_start_is_one_error_line(tmp_path, prompts_dir, 
         raise Exception("The current node timed out during startup. This could happen because "
                         "some of the raylet failed to startup or the GCS has become overloaded.")
 
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # the local Ray, not a cluster to join
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", slow_start)
     out = tmp_path / "out"
@@ -331,3 +332,14 @@ def test_a_local_ray_that_cannot_start_is_one_error_line(tmp_path, prompts_dir, 
         "overloaded. A busy machine can be too slow for Ray's start-up: run it again, or start "
         "Ray yourself (`ray start --head`) and pass --address"]
     assert json.loads((out / "status.json").read_text())["state"] == "failed"
+
+
+def test_status_of_a_score_job_counts_tokens_scored():
+    from batchgen.job.status import format_status
+
+    st = {"state": "completed", "shards": {"total": 1, "completed": 1, "failed": 0},
+          "request_counts": {"total": 2, "completed": 2, "failed": 0},
+          "tokens": {"prompt": 10, "generated": 0, "scored": 12}, "tokens_per_second": 6.0}
+    assert "tokens:   12 scored, 6.0 tok/s" in format_status(st)
+    st["tokens"] = {"prompt": 10, "generated": 30}  # a generation job, or one before scored
+    assert "tokens:   30 generated, 6.0 tok/s" in format_status(st)

@@ -359,3 +359,26 @@ def test_a_choice_as_one_regex_masks_as_the_lark_alternation_did(choices, tokeni
             ids.append(token)
         texts.add(tokenizer.decode(ids))
     assert texts <= set(choices) and len(texts) > 1
+
+
+def test_a_tools_refs_move_with_its_parameters_and_nothing_else_does():
+    from batchgen.spec.tools import call_schema
+
+    params = {"type": "object", "properties": {
+        "city": {"$ref": "#/$defs/city"},
+        "echo": {"const": {"$ref": "#/$defs/city"}},  # data: a value to match, not a ref
+        "own": {"$id": "https://example.com/own", "$ref": "#/$defs/x",
+                "$defs": {"x": {"type": "integer"}}},  # resolves against its own $id
+        "again": {"$ref": "#"}},
+        "$defs": {"city": {"enum": ["Paris", "Rome"]}}}
+    tools = check_tools(({"name": "a", "parameters": params}, {"name": "b"}), "input.tools")
+    call = call_schema(tools)
+    moved = call["anyOf"][0]["properties"]["arguments"]["properties"]
+    assert moved["city"] == {"$ref": "#/anyOf/0/properties/arguments/$defs/city"}
+    assert moved["again"] == {"$ref": "#/anyOf/0/properties/arguments"}
+    assert moved["echo"] == params["properties"]["echo"]
+    assert moved["own"] == params["properties"]["own"]
+    valid = jsonschema.Draft202012Validator(call)
+    assert valid.is_valid({"name": "a", "arguments": {"city": "Rome", "echo": {"$ref": "#/$defs/city"}}})
+    assert not valid.is_valid({"name": "a", "arguments": {"city": "Oslo"}})
+    assert constraint_for(spec(tool_call=True), tools).kind == "tool_call"

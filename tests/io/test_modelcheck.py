@@ -48,3 +48,33 @@ def test_offline_mode_says_the_file_is_not_cached(job, tmp_path):
         "error: model.path example-org/never-downloaded: HF_HUB_OFFLINE is set and config.json "
         "is not in the local Hugging Face cache; download the model first, or point model.path "
         "at a local directory or an s3:// one")
+
+
+def test_a_hub_that_answers_but_fails_is_not_called_offline(job, tmp_path):
+    # A mirror (or proxy) that accepts the connection and then fails the download: it was
+    # reported as "HF_HUB_OFFLINE is set", which it was not.
+    import http.server
+    import threading
+
+    class Broken(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):  # (a 5xx would be retried for ~25 s first, as it should be)
+            self.send_response(404)
+            self.end_headers()
+
+        do_GET = do_HEAD
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Broken)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        r = plan(job, tmp_path, HF_ENDPOINT=f"http://127.0.0.1:{server.server_port}")
+    finally:
+        server.shutdown()
+    assert r.returncode == 2
+    error = r.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: model.path example-org/never-downloaded: ")
+    assert "HF_HUB_OFFLINE" not in error, error
+    assert ("cannot fetch config.json from the Hugging Face Hub at http://127.0.0.1:" in error
+            and "404 Not Found" in error and "not in the local cache" in error), error

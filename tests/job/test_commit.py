@@ -340,3 +340,21 @@ def test_a_finished_run_has_no_shard_running():
     for state in ("completed", "failed", "cancelled"):
         progress.finish(state)
         assert progress.status()["shards"]["running"] == 0
+
+
+@pytest.mark.parametrize("damage", [b'{"spec": {"generation"', b"\xff\xfe not UTF-8", b"[1, 2]"])
+def test_a_damaged_job_json_still_lets_a_refused_resume_say_what_changed(tmp_path, prompts_dir,
+                                                                        damage):
+    # The keys that changed are read from job.json; a damaged one (a truncated write, another
+    # tool's file) made the refusal a JSONDecodeError traceback, --force included.
+    spec, out = _completed_echo_job(tmp_path, prompts_dir, errors=0)
+    (tmp_path / "out" / "job.json").write_bytes(damage)
+    raw = json.loads(json.dumps(spec.model_dump(mode="json")))
+    raw["generation"]["seed"] = 99
+    changed = parse_spec(raw)
+    with JobLock(out) as lock, pytest.raises(BatchgenError, match=r"holds a different job "
+                                             r"\(changed: generation\)"):
+        prepare(changed, changed, out, lock, force=False, retry_failed=False, say=quiet)
+    with JobLock(out) as lock:
+        job = prepare(changed, changed, out, lock, force=True, retry_failed=False, say=quiet)
+    assert job.tasks == [] and out.read_json(layout.JOB)["spec"]["generation"]["seed"] == 99
