@@ -23,6 +23,9 @@ olmo2                yes                                                  -     
 starcoder2_sliding   yes                                                  [8, 8]   yes  yes
 granite              yes       (logits / logits_scaling)                  -        yes  NO
 cohere               yes       (logits * logit_scale)                     -        yes  NO
+mixtral              yes       (MoE: 4 experts, top-2)                    -        yes  yes
+qwen2_moe            yes       (MoE, shared expert with a sigmoid gate)   -        yes  yes
+olmoe                yes       (MoE)                                      -        yes  yes
 stablelm             no        decoder layer drops **kwargs               -        yes  yes
 gemma2               no        softcap kwarg; final logit softcap         [8, -]   yes  NO
 gpt_oss              no        s_aux kwarg (sinks)                        [8, -]   yes  yes
@@ -146,6 +149,50 @@ ARCHS: dict[str, dict[str, Any]] = {
         ),
     },
     "cohere": {"model_type": "cohere", "config": dict(_LLAMA_LIKE, logit_scale=0.5)},
+    # rotary frequencies that depend on the sequence length (head_dim 8: 4 factors)
+    "phi3_longrope": {  # Phi-3-128k style: short factors up to 32 positions, long ones past them
+        "model_type": "phi3",
+        "config": dict(
+            _LLAMA_LIKE,
+            sliding_window=None,
+            original_max_position_embeddings=32,
+            rope_parameters={
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "short_factor": [1.0, 1.25, 1.5, 2.0],
+                "long_factor": [1.0, 3.0, 9.0, 27.0],
+                "original_max_position_embeddings": 32,
+                "factor": 8.0,  # max_position_embeddings / original_max_position_embeddings
+            },
+        ),
+    },
+    "llama_dynamic": {  # dynamic NTK: the base grows with the length past 48 positions
+        "model_type": "llama",
+        "config": dict(
+            _LLAMA_LIKE,
+            max_position_embeddings=48,
+            rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0},
+        ),
+    },
+    # mixture of experts (4 experts, top-2); the experts' intermediate sizes are multiples of 64
+    "mixtral": {
+        "model_type": "mixtral",
+        "config": dict(_LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2),
+    },
+    "qwen2_moe": {  # with a shared expert and its sigmoid gate
+        "model_type": "qwen2_moe",
+        "config": dict(
+            _LLAMA_LIKE,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=64,
+            shared_expert_intermediate_size=64,
+        ),
+    },
+    "olmoe": {
+        "model_type": "olmoe",
+        "config": dict(_LLAMA_LIKE, num_experts=4, num_experts_per_tok=2),
+    },
     # refused
     "gemma2": {
         "model_type": "gemma2",
@@ -203,6 +250,11 @@ _FACTS: dict[str, tuple] = {
     "starcoder2_sliding": (True, None, [8, 8], True, True),
     "granite": (True, None, [None, None], True, False),
     "cohere": (True, None, [None, None], True, False),
+    "phi3_longrope": (True, None, [None, None], True, True),
+    "llama_dynamic": (True, None, [None, None], True, True),
+    "mixtral": (True, None, [None, None], True, True),
+    "qwen2_moe": (True, None, [None, None], True, True),
+    "olmoe": (True, None, [None, None], True, True),
     "stablelm": (
         False,
         "decoder layer drops **kwargs: extra kwarg never reaches attention",
@@ -241,6 +293,7 @@ for _arch, (_serv, _why, _sw, _gqa, _head) in _FACTS.items():
 SERVABLE: list[str] = [a for a, f in ARCHS.items() if f["servable"]]
 REFUSED: list[str] = [a for a, f in ARCHS.items() if not f["servable"]]
 SLIDING: list[str] = [a for a in SERVABLE if any(ARCHS[a]["sliding"])]
+MOE: list[str] = ["mixtral", "qwen2_moe", "olmoe"]  # gpt_oss too, but the slot path refuses it
 
 
 class ZooTokenizer:

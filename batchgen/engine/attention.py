@@ -149,14 +149,26 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
                 q, k, v, attn_mask=step.mask(seg, sliding_window, G, query.device), scale=scaling)
             outs.append(o.reshape(rows, Hq, width, D).transpose(0, 1).reshape(Hq, -1, D))
         return torch.cat(outs, dim=1)[None].transpose(1, 2), None
-    # Decode: T == 1. One SDPA call per key-length group. A large group attends over the cache
-    # in place, every slot at once, its queries scattered to their slots (no copy of keys); a
-    # small one gathers its rows' keys. Either way a row's result is bitwise the same: it
-    # depends only on its own key length, never on its neighbours (tests/test_slots.py).
+    # Decode: T == 1. One call per key-length group, so a row's result depends only on its own
+    # key length, never on its neighbours (tests/engine/test_slots.py).
     keys[step.slots, :, step.positions] = key[:, :, 0]
     values[step.slots, :, step.positions] = value[:, :, 0]
     out = query.new_empty(B, Hkv, G, D)
     q_all = query.reshape(B, Hkv, G, D)
+    if query.device.type == "cpu":
+        # On the CPU, SDPA with one query per head (no GQA) on 2+ threads gives a row other bits
+        # depending on the rows in the call; batched matmuls (one GEMM per row and head, of a
+        # fixed shape) and a softmax per row do not.
+        for g, (rows, length) in enumerate(step.groups):
+            slots = step.slots[rows]
+            scores = torch.matmul(q_all[rows], keys[slots, :, :length].transpose(-1, -2))
+            scores = scores.float().mul_(scaling if scaling is not None else D ** -0.5)
+            scores.masked_fill_(~step.mask(g, sliding_window)[slots], float("-inf"))
+            probs = scores.softmax(-1).to(values.dtype)
+            out[rows] = torch.matmul(probs, values[slots, :, :length])
+        return out.reshape(B, Hq, 1, D).transpose(1, 2), None
+    # On a GPU: a large group attends over the cache in place, every slot at once, its queries
+    # scattered to their slots (no copy of keys); a small one gathers its rows' keys.
     q_slots = None
     for g, (rows, length) in enumerate(step.groups):
         slots = step.slots[rows]

@@ -2,7 +2,9 @@
 
 Contract: ``Engine.generate(requests)`` returns one ``Completion`` per ``Request`` in the same
 order. A request's output depends only on its prompt tokens and its seed, never on which other
-requests share its batch, shard, replica or attempt.
+requests share its batch, shard, replica or attempt (bitwise on a CPU; the families that cannot
+keep it on this machine are named by ``Engine.invariant`` / ``invariant_reason``, and the done
+markers carry it).
 
 Two paths decode (chosen once per model by the load-time ``probe``):
 
@@ -10,7 +12,8 @@ Two paths decode (chosen once per model by the load-time ``probe``):
   function registered with transformers, continuous admission, the n samples of a row forked
   from one prefill, and the job's shared prefix prefilled once per replica;
 - the **Hugging Face path** (``hfdecode``): transformers' own cache and attention, batches cut
-  from length-sorted requests, for models the slot path cannot serve.
+  within one padded prompt width (a function of the prompt alone), for models the slot path
+  cannot serve.
 
 Both sample with ``sampling.Sampler``: noise is a pure function of (seed, step, token).
 Scoring (``scoring``) prefills prompt + completion on either path. ``versions.ENGINE_VERSION``
@@ -37,8 +40,10 @@ from batchgen.engine.completions import (
 )
 from batchgen.engine.decoder import SlotDecoder
 from batchgen.engine.echo import EchoEngine
-from batchgen.engine.hfdecode import HFDecoder
+from batchgen.engine.experts import use_invariant_experts
+from batchgen.engine.hfdecode import HFDecoder, invariance, prompt_width
 from batchgen.engine.loading import load_model
+from batchgen.engine.rotary import by_length, use_row_rotary
 from batchgen.engine.scoring import score_hf, score_slots
 from batchgen.io.modelcheck import context_length, input_budget
 from batchgen.spec import GenerationSpec, ModelSpec, ResourcesSpec
@@ -90,7 +95,12 @@ class Engine:
             from batchgen.engine.graphs import CudaGraph
 
             self.graph_factory = CudaGraph
+        use_invariant_experts(model)  # MoE: each expert's rows padded (both paths)
+        use_row_rotary(model)  # longrope, dynamic NTK: each row's own frequencies (slot path)
         self.path, self.path_reason = self._choose_path(path)
+        # Whether a row's output depends on its prompt and seed alone, bitwise on this CPU (the
+        # done markers say so where it does not).
+        self.invariant, self.invariant_reason = invariance(model, self.path)
         self.set_prefix(prefix)
 
     @property
@@ -101,9 +111,8 @@ class Engine:
     def gen(self, generation: GenerationSpec) -> None:
         self._gen = generation
         self.eos_ids = set() if generation.ignore_eos else _eos_ids(self.model, self.tokenizer)
-        # A reasoning model's end-of-thinking marker as tokens: constraints start after it.
-        self._gate = () if generation.reasoning_end is None else tuple(self.tokenizer(
-            generation.reasoning_end, add_special_tokens=False)["input_ids"])
+        # A reasoning model's end-of-thinking marker: constraints start after it (``masks``).
+        self._gate = generation.reasoning_end
         longest_stop = max((len(s) for s in generation.stop), default=0)
         self._stop_window = 2 * longest_stop + 4  # tokens re-decoded to look for a stop string
 
@@ -183,7 +192,9 @@ class Engine:
     def set_prefix(self, prefix: tuple[int, ...]) -> None:
         """The job's shared prompt prefix (``worker.job_prefix``); the slot path prefills it
         once and every prompt that starts with it reuses its keys."""
-        prefix = tuple(prefix) if self.path == "slots" else ()
+        # Off where the rotary depends on the length: Hugging Face rotates a prompt's tokens by
+        # the prompt's length, a prefix computed once would get the prefix's.
+        prefix = tuple(prefix) if self.path == "slots" and not by_length(self.model) else ()
         if prefix != self._prefix:
             self._prefix, self._prefix_kv = prefix, {}
 
@@ -210,23 +221,20 @@ class Engine:
     # -- generation ------------------------------------------------------------------------
 
     def plan_batches(self, lengths: list[int]) -> list[list[int]]:
-        """Indices grouped into batches for the Hugging Face path, longest prompts first,
+        """Indices grouped into batches for the Hugging Face path: one prompt width
+        (``hfdecode.prompt_width``, a function of the prompt alone) per batch, widest first,
         under both limits. The slot path takes every request at once (it admits them into
         slots as they free up)."""
-        order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+        widths = [prompt_width(n) for n in lengths]
         batches: list[list[int]] = []
-        current: list[int] = []
-        longest = 0
-        for i in order:
-            longest_if = max(longest, lengths[i])
-            cost = (len(current) + 1) * (longest_if + self.gen.max_new_tokens)
-            if current and (len(current) >= self.batch_size or cost > self.max_batch_tokens):
-                batches.append(current)
-                current, longest_if = [], lengths[i]
-            current.append(i)
-            longest = longest_if
-        if current:
-            batches.append(current)
+        for i in sorted(range(len(lengths)), key=lambda i: (-widths[i], i)):
+            last = batches[-1] if batches else []
+            cost = (len(last) + 1) * (widths[i] + self.gen.max_new_tokens)
+            if (last and widths[last[0]] == widths[i] and len(last) < self.batch_size
+                    and cost <= self.max_batch_tokens):
+                last.append(i)
+            else:
+                batches.append([i])
         return batches
 
     def generate(self, requests: list[Request]) -> list[Completion]:
@@ -240,6 +248,13 @@ class Engine:
                                                           self._generate_alone, self.stats)):
                 results[i] = completion
         return results  # type: ignore[return-value]
+
+    def feed(self):
+        """The slot path's decode loop shared across calls and threads (``feed.EngineFeed``),
+        made on first use; None on the Hugging Face path."""
+        from batchgen.engine.feed import EngineFeed
+
+        return EngineFeed.of(self, _under_constraint) if self.path == "slots" else None
 
     def _generate_alone(self, requests: list[Request], problem: str, non_finite: bool
                         ) -> list[Completion]:
@@ -300,7 +315,11 @@ class Engine:
             text, reason = text[:cut], "stop"
         logprobs = None
         if self.gen.logprobs is not None:
-            logprobs = self._token_logprobs(ids, lps)
+            # The logprobs cover the tokens of the text: an end-of-sequence token is not text
+            # (OpenAI's end with the content too), so a row's cumulative_logprob is the score
+            # of its text.
+            listed = len(ids) - (1 if ids and ids[-1] in self.eos_ids else 0)
+            logprobs = self._token_logprobs(ids[:listed], lps[:listed])
         return Completion(text, reason, len(ids), ids, logprobs=logprobs)
 
     def _token_logprobs(self, ids, lps) -> list[TokenLogprob]:

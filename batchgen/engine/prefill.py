@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from batchgen.engine.attention import KEY_BLOCK, KWARG, Prefill, Segment
+from batchgen.engine.rotary import bind_rows
 from batchgen.engine.slots import SlotState
 
 PREFILL_BLOCK = 8  # prefill widths: the prompt (or suffix) length rounded up to this
@@ -80,14 +81,15 @@ class SlotModel:
         s = self.split(prompt)
         return s, round_up(len(prompt) - s, PREFILL_BLOCK)
 
-    def hold(self, lengths: list[int], least: int) -> None:
+    def hold(self, lengths: list[int]) -> None:
         """Take the kept device state, or make a new one, with room for keys of ``lengths``
-        (and the prefix's prefill) in at least ``least`` slots; every slot free."""
+        (and the prefix's prefill); every slot free. Never more slots than the batch size, nor
+        than the token budget holds at this capacity, whatever the prompts."""
         capacity = round_up(max(round_up(len(self.prefix), PREFILL_BLOCK), *lengths), KEY_BLOCK)
         held = self._state.get("slots")
         if held is not None:  # the capacity only grows: a kept state is not replaced for less
             capacity = max(capacity, held.cache.capacity)
-        slots = max(min(self.slots, max(1, self.max_batch_tokens // capacity)), least)
+        slots = min(self.slots, max(1, self.max_batch_tokens // capacity))
         dtype = next(self.model.parameters()).dtype
         penalty = self.gen.repetition_penalty != 1.0
         if held is None or not held.fits(slots, capacity, dtype, penalty):
@@ -151,7 +153,9 @@ class SlotModel:
     # -- the model -----------------------------------------------------------------------
 
     def hidden(self, ids: torch.Tensor, positions: torch.Tensor, step) -> torch.Tensor:
-        out = self.base(input_ids=ids, position_ids=positions, use_cache=False, **{KWARG: step})
+        with bind_rows(self.model, positions, step):  # a length-dependent rotary: per row
+            out = self.base(input_ids=ids, position_ids=positions, use_cache=False,
+                            **{KWARG: step})
         self.layers_seen |= step.layers_seen
         return out[0]
 

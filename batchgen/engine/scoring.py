@@ -14,8 +14,8 @@ import torch
 
 from batchgen.engine.attention import use_own, use_slots
 from batchgen.engine.backoff import check_finite
-from batchgen.engine.hfdecode import HFDecoder
-from batchgen.engine.prefill import PREFILL_BLOCK, SlotModel, round_up
+from batchgen.engine.hfdecode import HFDecoder, prompt_width, use_per_row
+from batchgen.engine.prefill import MIN_ROWS, PREFILL_BLOCK, SlotModel, round_up
 from batchgen.engine.sampling import per_token, token_logprobs
 
 
@@ -31,7 +31,7 @@ def score_slots(decoder: SlotModel, items: list[tuple[tuple[int, ...], tuple[int
     use_slots(decoder.model)
     seqs = [(tuple(p) + tuple(c[:-1]), len(p)) for p, c in items]
     shapes = [_score_shape(decoder, seq, n) for seq, n in seqs]
-    decoder.hold([sum(shape) for shape in shapes], 1)
+    decoder.hold([sum(shape) for shape in shapes])
     out: list = [None] * len(items)
     order = sorted(range(len(items)), key=lambda i: (shapes[i], i))
     while order:
@@ -67,18 +67,39 @@ def _score_shape(decoder: SlotModel, seq: tuple[int, ...], prompt_len: int) -> t
 def score_hf(decoder: HFDecoder, items: list[tuple[tuple[int, ...], tuple[int, ...]]],
              top: int | None = None) -> list[tuple[list[float], list[list[int]], list[list[float]]]]:
     """Teacher-forced logprobs of each completion after its prompt (see
-    ``score_slots``): one left-padded forward over prompt + completion, the LM head
-    over the last positions only (a completion's logits are its row's last ones)."""
+    ``score_slots``): one left-padded forward over prompt + completion per padded width, the
+    LM head over the last positions only (a completion's logits are its row's last ones).
+    Shapes as ``hfdecode``'s, so a row's scores do not depend on its batch: each sequence
+    padded to its own width (``prompt_width``), rows to a multiple of MIN_ROWS, attention row
+    by row on 2+ CPU threads."""
     if not items:
         return []
     use_own(decoder.model)
-    dev = decoder.device
+    own = use_per_row(decoder.model) if decoder.device.type == "cpu" else None
     seqs = [tuple(p) + tuple(c[:-1]) for p, c in items]
-    L = max(len(q) for q in seqs)
-    keep = max(len(c) for _, c in items)
-    ids = torch.full((len(seqs), L), decoder.pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), L), dtype=torch.long)
-    for row, q in enumerate(seqs):
+    by_width: dict[int, list[int]] = {}
+    for i, q in enumerate(seqs):
+        by_width.setdefault(prompt_width(len(q)), []).append(i)
+    results: list = [None] * len(items)
+    try:
+        for width, indices in by_width.items():
+            for i, r in zip(indices, _score_width(decoder, items, seqs, indices, width, top)):
+                results[i] = r
+    finally:
+        if own is not None:
+            decoder.model.set_attn_implementation(own)
+    return results
+
+
+def _score_width(decoder, items, seqs, indices, L, top):
+    dev = decoder.device
+    rows = round_up(len(indices), MIN_ROWS)
+    chosen = indices + [indices[0]] * (rows - len(indices))
+    keep = max(len(items[i][1]) for i in indices)
+    ids = torch.full((rows, L), decoder.pad_id, dtype=torch.long)
+    mask = torch.zeros((rows, L), dtype=torch.long)
+    for row, i in enumerate(chosen):
+        q = seqs[i]
         ids[row, L - len(q):] = torch.tensor(q, dtype=torch.long)
         mask[row, L - len(q):] = 1
     kwargs = dict(input_ids=ids.to(dev), attention_mask=mask.to(dev),
@@ -87,9 +108,10 @@ def score_hf(decoder: HFDecoder, items: list[tuple[tuple[int, ...], tuple[int, .
         logits_all = decoder.model(**kwargs, logits_to_keep=keep).logits
     except TypeError:  # a model whose forward has no logits_to_keep
         logits_all = decoder.model(**kwargs).logits
-    decoder.padded_positions += len(seqs) * L
+    decoder.padded_positions += rows * L
     results = []
-    for row, (p, c) in enumerate(items):
+    for row, i in enumerate(indices):
+        c = items[i][1]
         logits = check_finite(logits_all[row, logits_all.shape[1] - len(c):].float())
         results.append(per_token(*token_logprobs(
             logits, torch.tensor(c, dtype=torch.long, device=dev), top or 0)))

@@ -9,6 +9,10 @@ outputs of two versions without ``--force``.
 1: DynamicCache decode, one ``torch.Generator`` per row (batchgen up to the first engine).
 2: slot path and Hugging Face path both sampling with counter-based noise g(seed, step, token);
    prefill widths rounded per prompt; n samples forked from one prefill; the job prefix split.
+3: a row's text is its own (issue 19): decode attention on the CPU as per-row matmuls (other low
+   bits than SDPA, so sampled text may change); mixture-of-experts groups padded; long/dynamic
+   RoPE per row, and no job prefix for such models; the Hugging Face path's batches shaped per
+   row; logprobs no longer list the end-of-sequence token.
 """
 
-ENGINE_VERSION = 2
+ENGINE_VERSION = 3

@@ -180,11 +180,12 @@ def faults(engine, fault):
         return hidden * float("nan") if nan else hidden
 
     class Faulty:
-        def __init__(self, model):
+        def __init__(self, model, decoder):
             self.__dict__["_model"] = model
+            self.__dict__["_live"] = lambda: decoder.live  # padding and finished rows left out
 
         def __call__(self, **kw):
-            ids = kw["input_ids"]
+            ids = kw["input_ids"][self._live()]
             nan = fault(ids.shape[0], ids.shape[1], self._model.dtype, ids.tolist())
             out = self._model(**kw)
             if nan:
@@ -198,7 +199,7 @@ def faults(engine, fault):
 
     def hf_init(self, model, *args, **kw):
         real_hf_init(self, model, *args, **kw)
-        self.model = Faulty(model)
+        self.model = Faulty(model, self)
 
     SlotDecoder.hidden, HFDecoder.__init__ = slot_hidden, hf_init
     try:

@@ -270,6 +270,19 @@ def test_rows_are_bitwise_independent_of_their_batch_on_two_threads(monkeypatch,
     assert_bitwise(rec.run(eng, requests)[1], alone, "6 rows, 2 threads")
 
 
+@pytest.mark.slow  # two threads on a busy box
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox"])
+def test_multi_head_rows_are_bitwise_independent_of_their_batch_on_two_threads(monkeypatch, arch):
+    """Without grouped-query attention a decode row has one query per head; CPU SDPA then gave
+    a row other bits depending on the rows in the call on 2+ threads (both the in-place and the
+    gathered branch). The decode attention is a fixed-shape per-row computation instead."""
+    eng = zoo_engine(arch, **SAMPLED)
+    assert eng.path == "slots"
+    torch.set_num_threads(2)
+    prompts = zoo_prompts((1, 3, 8, 9, 15, 22, 30, 37, 40, 64))
+    _invariance(monkeypatch, eng, [Request(p, 50 + i) for i, p in enumerate(prompts)])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["qwen2", "starcoder2_sliding"])
 @pytest.mark.parametrize("sampling", [False, True], ids=["greedy", "sampled"])
@@ -293,11 +306,16 @@ def test_forked_samples_equal_samples_prefilled_alone(monkeypatch, tiny):
         out, logits = rec.run(eng, [r])
         alone_out.append(out[0].token_ids)
         alone.update(logits)
-    for slots in (8, 2):  # 2 slots < 5 samples: the group still goes in at once
+    # 2 slots < 5 samples: the samples fork in chunks of 2 (a prefill each), and the cache never
+    # grows past the batch size (it grew to the group's size before: unbounded by user data).
+    for slots, prefills in ((8, 1), (2, 3)):
         eng.batch_size = slots
+        eng._state.clear()
         before = eng.stats.padded_prompt_positions
         out, forked = rec.run(eng, requests)
-        assert eng.stats.padded_prompt_positions - before == round_up(len(prompt), PREFILL_BLOCK)
+        assert eng.stats.padded_prompt_positions - before == (
+            prefills * round_up(len(prompt), PREFILL_BLOCK))
+        assert eng._state["slots"].cache.slots <= slots
         assert_bitwise(forked, alone, f"forked, {slots} slots")
         assert [c.token_ids for c in out] == alone_out
     assert len({tuple(t) for t in alone_out}) > 1  # the seeds matter

@@ -255,6 +255,7 @@ def test_force_writes_nothing_until_the_model_check_passes(tmp_path, prompts_dir
 def test_a_plan_of_an_earlier_engine_resumes_only_with_force(tmp_path, prompts_dir, version):
     """Plans of fingerprint versions 1 and 2 were made by engine version 1, whose sampled text
     differs: resuming one would mix two streams, so it needs --force, and says why."""
+    from batchgen.engine.versions import ENGINE_VERSION
     from batchgen.job.fingerprint import FINGERPRINT_VERSION, current_fingerprint, digest as _digest
     from batchgen.job.plan import Plan
 
@@ -276,7 +277,7 @@ def test_a_plan_of_an_earlier_engine_resumes_only_with_force(tmp_path, prompts_d
     assert job.tasks == []
     stored = Plan.from_json(out.read_json(layout.PLAN))
     assert stored.fingerprint_version == FINGERPRINT_VERSION
-    assert stored.fingerprint_parts["engine"] == "2"
+    assert stored.fingerprint_parts["engine"] == str(ENGINE_VERSION)
     assert stored.shards == job.plan.shards and stored.fingerprint == current_fingerprint(spec)[0]
     assert out.read_json(layout.JOB)["forced_from"] == old["fingerprint"]
     with JobLock(out) as lock:  # from now on it resumes without --force

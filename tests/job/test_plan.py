@@ -197,11 +197,14 @@ def test_a_constrained_job_names_the_grammar_engine_in_its_engine_part(prompts_d
     fingerprint (and only of those)."""
     from importlib.metadata import version
 
+    from batchgen.engine.versions import ENGINE_VERSION
+
     base = spec_dict(str(prompts_dir), "/unused", "m")
     plain = make_plan(parse_spec(base)).fingerprint_parts["engine"]
     base["generation"]["structured"] = {"json": True}
     constrained = make_plan(parse_spec(base)).fingerprint_parts["engine"]
-    assert plain == "2" and constrained == f"2+llguidance-{version('llguidance')}"
+    assert plain == str(ENGINE_VERSION)
+    assert constrained == f"{ENGINE_VERSION}+llguidance-{version('llguidance')}"
 
 
 def test_scoring_changes_the_generation_part(prompts_dir):

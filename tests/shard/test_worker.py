@@ -3,6 +3,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import spec_dict
 
+from batchgen.engine.versions import ENGINE_VERSION
 from batchgen.errors import ShardError
 from batchgen.job.plan import make_plan
 from batchgen.shard.rows import row_seed
@@ -272,12 +273,12 @@ def test_the_job_prefix_is_shared_by_every_prompt_and_changes_no_output(tmp_path
             record = engine_record(worker.engine)
             from importlib.metadata import version
 
-            assert record == {"version": 2, "path": "slots", "prefix_tokens": len(prefix),
+            assert record == {"version": ENGINE_VERSION, "path": "slots", "prefix_tokens": len(prefix),
                               "grammar": f"llguidance {version('llguidance')}"}
         else:
             worker.engine.set_prefix(())
         result = worker.run(make_plan(spec).shards[0], "a1")
-        assert result.engine["version"] == 2
+        assert result.engine["version"] == ENGINE_VERSION
         stats = worker.engine.stats
         if split:
             # the prefix once; each row's own text once, not once per sample
