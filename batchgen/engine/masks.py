@@ -52,6 +52,7 @@ class Grammars:
                              f"{len(tokenizer)} tokens; pass the model's logits width")
         self.vocab_size = vocab_size
         self.eos_id = eos_id
+        self.hf_tokenizer = tokenizer
         self.words = math.ceil(vocab_size / 32)
         self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size,
                                                       eos_token=eos_id)
@@ -83,22 +84,43 @@ class Grammars:
         serve it (a grammar naming a token the vocabulary lacks)."""
         self._template(constraint)
 
-    def matcher(self, constraint: Constraint, gate: tuple[int, ...] = (),
+    def matcher(self, constraint: Constraint, gate: str | None = None,
                 prompt: tuple[int, ...] = ()) -> RowMatcher:
-        """A fresh matcher for one row; with ``gate``, inactive until the row's tokens end with
-        it, or active at once if ``prompt`` (the row's prompt tokens) already ends with it."""
-        gate = tuple(gate)
-        if gate and tuple(prompt[-len(gate):]) == gate:
-            gate = ()
-        return RowMatcher(self._template(constraint), gate, self.words)
+        """A fresh matcher for one row; with ``gate`` (a reasoning model's end-of-thinking
+        marker, as text), inactive until the row's text shows it, or active at once if the
+        ``prompt``'s text (its tokens) already ends with it, whitespace aside: the chat template
+        closed the thinking itself (Qwen 3 with ``enable_thinking: false`` ends ``</think>\\n\\n``).
+        The same rule as ``responses.split_reasoning``, which splits the text at the marker."""
+        if gate and prompt:
+            tail = self._decode(prompt[-(len(gate) + TAIL_SLACK):])
+            if tail.rstrip().endswith(gate):
+                gate = None
+        return RowMatcher(self._template(constraint), gate or None, self.words, self._decode,
+                          self._encode)
+
+    def _decode(self, ids) -> str:
+        return self.hf_tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def _encode(self, text: str) -> list[int]:
+        return self.hf_tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+# Tokens decoded past a marker's length when looking for it: a token may carry no text of its own
+# (a byte of a multi-byte character, an empty special token).
+TAIL_SLACK = 4
 
 
 class RowMatcher:
-    """One generated row's constraint state."""
+    """One generated row's constraint state. While gated, every token is allowed and the row's
+    text is watched for the marker, whatever tokens write it (the canonical ones or others); the
+    constraint starts right after it. Text that the marker's last token carries past the marker
+    is given to the constraint (whitespace aside, as the answer's parse drops it)."""
 
-    def __init__(self, template, gate: tuple[int, ...], words: int):
+    def __init__(self, template, gate: str | None, words: int, decode=None, encode=None):
         self._template = template
         self._gate = gate
+        self._decode = decode
+        self._encode = encode
         self._tail: list[int] = []
         self._words = words
         self.llm = None if gate else template.deep_copy()  # None while gated
@@ -123,9 +145,15 @@ class RowMatcher:
             self.llm.consume_token(int(token))
             return
         self._tail.append(int(token))
-        del self._tail[:-len(self._gate)]
-        if tuple(self._tail) == self._gate:
-            self.llm = self._template.deep_copy()
+        del self._tail[:-(len(self._gate) + TAIL_SLACK)]
+        text = self._decode(self._tail)
+        at = text.find(self._gate)
+        if at < 0:
+            return
+        self.llm = self._template.deep_copy()
+        rest = text[at + len(self._gate):].lstrip()
+        if rest:  # the marker's token went on into the answer
+            self.llm.consume_tokens(self._encode(rest))
 
     @property
     def accepting(self) -> bool:
@@ -151,7 +179,7 @@ class Matchers:
     """One decoder run's matchers, by request index (None where a request is unconstrained)."""
 
     def __init__(self, grammars: Grammars | None, constraints: list[Constraint | None],
-                 gate: tuple[int, ...] = (), prompts: list[tuple[int, ...]] | None = None):
+                 gate: str | None = None, prompts: list[tuple[int, ...]] | None = None):
         if grammars is None and any(c is not None for c in constraints):
             raise ValueError("constrained requests need a Grammars (the replica's tokenizer)")
         self.grammars = grammars
@@ -159,6 +187,13 @@ class Matchers:
         self.rows = [None if c is None else grammars.matcher(c, gate, p)
                      for c, p in zip(constraints, prompts)]
         self.active = any(r is not None for r in self.rows)
+
+    def extend(self, other: Matchers) -> None:
+        """Append ``other``'s rows (the same matcher objects) after these: a decoder that takes
+        requests while it runs (``feed``) indexes them from ``len(rows)`` on."""
+        self.grammars = self.grammars or other.grammars
+        self.rows.extend(other.rows)
+        self.active = self.active or other.active
 
     def bitmask(self, indices: list[int | None], device) -> torch.Tensor:
         """int32 [len(indices), words] on ``device``: each request's allowed tokens; all ones for

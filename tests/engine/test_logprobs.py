@@ -49,7 +49,7 @@ def test_logprobs_are_the_models_own(tiny, path):
     model, tok = tiny
     engine = make(tiny, path, logprobs=3, temperature=1.7, top_p=0.8, seed=1)
     for req, c in zip(requests(tok), engine.generate(requests(tok))):
-        assert c.logprobs is not None and len(c.logprobs) == len(c.token_ids) > 0
+        assert c.logprobs is not None and 0 < len(c.logprobs) <= len(c.token_ids)
         ids = torch.tensor([list(req.prompt_ids) + c.token_ids[:-1]])
         use_own(model)  # the model's own attention, as a user would call it
         with torch.no_grad():
@@ -96,10 +96,32 @@ def test_a_generated_rows_logprobs_sum_to_the_score_of_its_text(tiny, path):
                            for r, c in zip(reqs, generated)])
     for c, s in zip(generated, scores):
         assert s.error is None
-        assert [t.token_id for t in s.logprobs] == c.token_ids
-        assert s.logprob == pytest.approx(c.cumulative_logprob, abs=1e-3)
+        listed = [t.token_id for t in c.logprobs]
+        assert listed == c.token_ids[:len(listed)]
+        assert s.logprob - s.logprobs[-1].logprob * (len(listed) < len(c.token_ids)) == (
+            pytest.approx(c.cumulative_logprob, abs=1e-3))
         for a, b in zip(c.logprobs, s.logprobs):
             assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+
+
+@pytest.mark.parametrize("path", ["slots", "hf"])
+def test_a_row_that_ends_on_eos_sums_the_logprobs_of_its_text(tiny, path):
+    """The end-of-sequence token is not text: it is not listed, and a row that stops on it has
+    the cumulative_logprob of its text as ``mode: score`` scores it."""
+    model, tok = tiny
+    engine = make(tiny, path, logprobs=0, max_new_tokens=48)
+    reqs = requests(tok, [PROMPTS[2], "<|user|>\nWrite one sentence about tea.<|end|>\n"
+                          "<|assistant|>\n"])
+    generated = engine.generate(reqs)
+    ended = [(r, c) for r, c in zip(reqs, generated) if c.token_ids[-1] in engine.eos_ids]
+    assert ended, [c.finish_reason for c in generated]
+    for r, c in ended:
+        assert c.finish_reason == "stop"
+        assert [t.token_id for t in c.logprobs] == c.token_ids[:-1]
+        text = tuple(tok(c.text, add_special_tokens=False)["input_ids"])
+        assert text == tuple(c.token_ids[:-1])
+        score = engine.score([ScoreRequest(r.prompt_ids, text)])[0]
+        assert c.cumulative_logprob == pytest.approx(score.logprob, abs=1e-3)
 
 
 def test_scores_agree_across_paths_and_with_the_prefix(tiny):

@@ -216,13 +216,48 @@ def test_json_is_written_as_json_dumps_writes_it_without_free_whitespace(tokeniz
 def test_the_gate_leaves_thinking_free_and_constrains_after_it(tokenizer, grammars):
     gate = tuple(tokenizer.encode("</think>", add_special_tokens=False))
     constraint = constraint_for(spec(choice=("yes", "no")))
-    runs = Matchers(grammars, [constraint], gate=gate)
+    runs = Matchers(grammars, [constraint], gate="</think>")
     thinking = tokenizer.encode("hmm <think> 2+2 </thin", add_special_tokens=False)
     for token in thinking + list(gate[:-1]):
         assert bool((runs.bitmask([0], "cpu") == -1).all())
         runs.advance(0, token)
         assert runs.truncated(0)
     runs.advance(0, gate[-1])
+    fresh = torch.empty(grammars.words, dtype=torch.int32)
+    grammars.matcher(constraint).fill(fresh)
+    assert torch.equal(runs.bitmask([0], "cpu")[0], fresh)
+    for token in tokenizer.encode("no", add_special_tokens=False):
+        runs.advance(0, token)
+    assert not runs.truncated(0) and runs.error(0) is None
+
+
+def test_a_prompt_that_closed_the_thinking_opens_the_gate(tokenizer, grammars):
+    """Qwen 3 with enable_thinking: false: the chat template ends the prompt with
+    ``</think>\\n\\n``; the constraint is on from the first token (it never opened)."""
+    constraint = constraint_for(spec(choice=("yes", "no")))
+    prompt = tuple(tokenizer.encode("<|assistant|>\n<think>\n\n</think>\n\n",
+                                    add_special_tokens=False))
+    runs = Matchers(grammars, [constraint], gate="</think>", prompts=[prompt])
+    fresh = torch.empty(grammars.words, dtype=torch.int32)
+    grammars.matcher(constraint).fill(fresh)
+    assert torch.equal(runs.bitmask([0], "cpu")[0], fresh)
+    for token in tokenizer.encode("yes", add_special_tokens=False):
+        runs.advance(0, token)
+    assert not runs.truncated(0) and runs.error(0) is None
+
+
+def test_a_marker_written_in_other_tokens_opens_the_gate(tokenizer, grammars):
+    """The model may write the marker as other tokens than its canonical ones (character by
+    character here); ``split_reasoning`` splits the text there, so the constraint starts there,
+    and what the marker's last token carries after it goes to the constraint."""
+    constraint = constraint_for(spec(choice=("yes", "no")))
+    canonical = tokenizer.encode("</think>", add_special_tokens=False)
+    pieces = [t for c in "</think>" for t in tokenizer.encode(c, add_special_tokens=False)]
+    assert pieces != canonical
+    runs = Matchers(grammars, [constraint], gate="</think>")
+    for token in tokenizer.encode("so 2+2 is", add_special_tokens=False) + pieces:
+        assert runs.truncated(0)
+        runs.advance(0, token)
     fresh = torch.empty(grammars.words, dtype=torch.int32)
     grammars.matcher(constraint).fill(fresh)
     assert torch.equal(runs.bitmask([0], "cpu")[0], fresh)
