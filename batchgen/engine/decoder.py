@@ -1,6 +1,8 @@
 """The slot decoder: continuous admission, shared prefills and decode steps over the slot cache.
 
-``SlotDecoder.run(requests)`` returns each request's (token ids, finish reason). The loop:
+``SlotDecoder.run(requests)`` returns each request's (token ids, finish reason). It is ``open``,
+``add`` and ``advance`` until idle; ``feed`` calls these itself, adding requests (a replica's
+next shard) while the loop runs, so the batch never drains between calls. The loop:
 
 1. **Admit** waiting prompts into free slots, prefill-first; the prompts admitted together go
    through the model as one packed sequence (attention per shape). Requests with the same
@@ -39,7 +41,7 @@ import torch
 from batchgen.engine.attention import Decode, key_length, use_slots
 from batchgen.engine.backoff import NonFiniteLogits
 from batchgen.engine.graphs import GRAPH_KEY_BLOCK, graph_rows
-from batchgen.engine.masks import apply_bitmask
+from batchgen.engine.masks import Matchers, apply_bitmask
 from batchgen.engine.prefill import MIN_ROWS, SlotModel, round_up
 from batchgen.engine.sampling import (
     Sampler, mark_seen, per_token, seen_from_prompts, token_logprobs
@@ -69,9 +71,10 @@ class SlotDecoder(SlotModel):
         self.sampler = Sampler(gen)
         self.eos_ids = eos_ids
         self.hit_stop = hit_stop
-        # Constrained rows (``masks.Matchers``): each step's mask needs the previous step's
-        # token, so tokens are read back at once instead of one step late.
-        self.matchers = matchers if matchers is not None and matchers.active else None
+        # Constrained rows (``masks.Matchers``, those of ``run``'s requests): each step's mask
+        # needs the previous step's token, so tokens are read back at once, not one step late.
+        self.given_matchers = matchers
+        self._clear()
         self.logprobs = logprobs  # top alternatives per token (None: no logprobs)
 
     @torch.inference_mode()
@@ -79,46 +82,107 @@ class SlotDecoder(SlotModel):
         """(token ids, finish reason, per-token logprobs or []) per request."""
         if not requests:
             return []
+        self.open()
+        self.add(requests, self.given_matchers)
+        out: list[tuple[list[int], str, list]] = [([], "length", [])] * len(requests)
+        while self.busy:
+            for index, result in self.advance():
+                out[index] = result
+        return out
+
+    # -- the loop, one turn at a time (``run``, and ``feed`` across calls) ----------------
+
+    def open(self) -> None:
+        """Start with no requests; ``add`` appends them, ``advance`` runs the loop."""
         use_slots(self.model)
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, r in enumerate(requests):
-            groups.setdefault(tuple(r.prompt_ids), []).append(i)
-        max_new = self.gen.max_new_tokens
+        self._clear()
+
+    def _clear(self) -> None:
+        self.requests: list[Any] = []
+        self.queue: deque[tuple[tuple[int, ...], list[int]]] = deque()
+        self.live: list[_Row] = []
+        self.pending: list[tuple[list[_Row], dict, Any]] = []
+        self.matchers = None
+
+    @property
+    def busy(self) -> bool:
+        """Requests wait, rows decode, or a step's tokens are still to be read."""
+        return bool(self.queue or self.live or self.pending)
+
+    def _needs(self, prompts) -> list[int]:
         # Every prefill (the prefix's in the scratch slot too) and every decode key length
         # (``key_length``, one past the last token) fits.
-        self.hold([max(sum(self.shape(p)), len(p) + max_new + 1) for p in groups],
-                   max(len(g) for g in groups.values()))
-        self.requests = requests
-        self.queue = deque(groups.items())
-        self.live: list[_Row] = []
-        done: list[_Row] = []
-        pending: list[tuple[list[_Row], dict, Any]] = []
-        while True:
-            pending.extend(self._admit())
-            if self.matchers is not None:  # constrained: the next masks need these tokens now
-                pending = self._read_all(pending)
-            if self.queue and not self.live:  # nothing runs, nothing admitted: never wait forever
-                raise RuntimeError(f"{len(self.queue[0][1])} samples of one prompt need more "
-                                   f"than the {self.cache.free} free slots")
-            stepping = [r for r in self.live if r.reason is None and r.sampled < max_new]
-            launched = self._decode(stepping) if stepping else None
+        max_new = self.gen.max_new_tokens
+        return [max(sum(self.shape(p)), len(p) + max_new + 1) for p in prompts]
+
+    def fits(self, requests: list[Any]) -> bool:
+        """Whether ``add(requests)`` may be called now: always when idle (it holds a cache for
+        them); while rows are live, only within the cache they hold (its capacity is fixed
+        under them)."""
+        if not self.busy or not requests:
+            return True
+        return max(self._needs({tuple(r.prompt_ids) for r in requests})) <= self.cache.capacity
+
+    def add(self, requests: list[Any], matchers: Any = None) -> int:
+        """Append ``requests`` while the loop runs; their indices continue from the previous
+        ones (the first one's is returned). ``matchers``: theirs (``masks.Matchers``, indexed
+        from 0), or None. Raises ValueError when they do not ``fit``."""
+        offset = len(self.requests)
+        if not requests:
+            return offset
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(tuple(r.prompt_ids), []).append(offset + i)
+        if not self.busy:
+            self.hold(self._needs(groups))
+        elif not self.fits(requests):
+            raise ValueError(f"{len(requests)} requests need a larger slot cache than the "
+                             f"{self.cache.capacity} positions the live rows hold; add them "
+                             "when the decoder is idle")
+        self.requests.extend(requests)
+        # Constrained rows anywhere: masks for every row, by request index (None elsewhere).
+        if matchers is not None and matchers.active:
+            if self.matchers is None:
+                self.matchers = Matchers(None, [None] * offset)
+            self.matchers.extend(matchers)
+        elif self.matchers is not None:
+            self.matchers.extend(Matchers(None, [None] * len(requests)))
+        # Requests with one prompt fork from one prefill, at most a cache's worth at a time: a
+        # prompt shared by many rows (or n samples beyond the batch size) is prefilled once per
+        # chunk, so the slots never outgrow the batch size (a chunk's rows are the same bits).
+        per = self.cache.slots
+        self.queue.extend((p, g[i:i + per]) for p, g in groups.items()
+                          for i in range(0, len(g), per))
+        return offset
+
+    @torch.inference_mode()
+    def advance(self) -> list[tuple[int, tuple[list[int], str, list]]]:
+        """One turn of the loop: admit waiting prompts, launch a decode step, read the previous
+        one back, release the rows that finished. Returns theirs: (request index, (token ids,
+        finish reason, per-token logprobs or []))."""
+        max_new = self.gen.max_new_tokens
+        pending = self.pending
+        pending.extend(self._admit())
+        if self.matchers is not None:  # constrained: the next masks need these tokens now
             pending = self._read_all(pending)
-            pending = [launched] if launched else []
-            if self.matchers is not None:
-                pending = self._read_all(pending)
-            # A finished row leaves now, even if the step in flight still computes it: what that
-            # step writes into its slot comes before the next prompt's prefill there (one
-            # stream), and its token is dropped on reading (``_read``).
-            for r in [r for r in self.live if r.reason is not None]:
-                self.live.remove(r)
-                self.cache.release(r.slot)
-                done.append(r)
-            if not self.queue and not self.live and not pending:
-                break
-        out: list[tuple[list[int], str, list]] = [([], "length", [])] * len(requests)
+        if self.queue and not self.live:  # nothing runs, nothing admitted: never wait forever
+            raise RuntimeError(f"{len(self.queue[0][1])} samples of one prompt need more "
+                               f"than the {self.cache.free} free slots")
+        stepping = [r for r in self.live if r.reason is None and r.sampled < max_new]
+        launched = self._decode(stepping) if stepping else None
+        pending = self._read_all(pending)
+        pending = [launched] if launched else []
+        if self.matchers is not None:
+            pending = self._read_all(pending)
+        self.pending = pending
+        # A finished row leaves now, even if the step in flight still computes it: what that
+        # step writes into its slot comes before the next prompt's prefill there (one
+        # stream), and its token is dropped on reading (``_read``).
+        done = [r for r in self.live if r.reason is not None]
         for r in done:
-            out[r.index] = (r.tokens, r.reason, r.logprobs)
-        return out
+            self.live.remove(r)
+            self.cache.release(r.slot)
+        return [(r.index, (r.tokens, r.reason, r.logprobs)) for r in done]
 
     def _read_all(self, pending: list) -> list:
         for rows, host, ready in pending:

@@ -16,8 +16,8 @@ from typing import Any, Callable
 STATES = ("validating", "in_progress", "finalizing", "completed", "failed", "cancelled")
 
 
-def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+def now_iso(timespec: str = "seconds") -> str:
+    return datetime.now(timezone.utc).isoformat(timespec=timespec)
 
 
 class JobProgress:

@@ -4,8 +4,9 @@ Replicas are actors with ``max_restarts=-1, max_task_retries=0``: Ray restarts a
 never re-runs a task, because a task has side effects (a staged upload); the scheduler owns
 retries. An own ``ray.wait`` loop over {ref: (task, attempt, replica)} replaces dead replicas and
 requeues their shards, which ``ray.util.ActorPool`` does not do. Each replica holds up to two
-shards (one running, one queued), so it never idles while the driver commits. Results travel
-back as small dicts; rows never pass through the driver.
+shards, run concurrently (a threaded actor), so it never idles while the driver commits and its
+decoder does not drain at a shard boundary. Results travel back as small dicts; rows never pass
+through the driver.
 """
 
 from __future__ import annotations
@@ -33,9 +34,12 @@ IN_FLIGHT_PER_REPLICA = 2
 STATUS_EVERY_S = 2.0
 
 
-@ray.remote(max_restarts=-1, max_task_retries=0)
+# Threaded (``max_concurrency``): the replica's two shards run at once, in two threads of one
+# ShardWorker, whose engine decodes both in one loop (``engine.feed``): one shard's rows fill the
+# slots the other's free, and one's reading and writing overlap the other's decoding.
+@ray.remote(max_restarts=-1, max_task_retries=0, max_concurrency=IN_FLIGHT_PER_REPLICA)
 class ReplicaActor:
-    """One model replica; wraps a ShardWorker."""
+    """One model replica; wraps a ShardWorker (thread-safe)."""
 
     def __init__(self, spec: dict[str, Any]):
         from batchgen.shard.worker import ShardWorker

@@ -4,7 +4,7 @@ read rows → render prompts (``prompts``) → tokenize and fit, or window long 
 (``longdocs``) → engine → assemble and verify (``rows``) → write a local Parquet file →
 check it → upload it whole to staging. A row that cannot be processed becomes an error row
 (``finish_reason: error``); the shard goes on, even when every row is one. Only the driver
-commits.
+commits. Thread-safe: host work holds one lock, let go while a shard waits for the engine's feed.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+import threading
 import time
 import uuid
 from collections import Counter
@@ -48,7 +49,7 @@ class ShardResult:
     errors: int  # output rows with finish_reason "error"
     prompt_tokens: int
     generated_tokens: int
-    seconds: float
+    seconds: float  # in the replica, reading to staging
     host: str
     parsed: int = 0  # rows whose generation parsed (output.parse: json)
     parse_errors: int = 0
@@ -58,6 +59,7 @@ class ShardResult:
     staged_chunks: str | None = None  # the window summaries, staged beside the data
     engine: dict[str, Any] = field(default_factory=dict)  # version, path (and why) of the engine
     scored_tokens: int = 0  # completion tokens scored (mode: score)
+    engine_seconds: float = 0.0  # of ``seconds``, in the engine (the rest: read, render, write)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,6 +88,10 @@ def engine_record(engine: Any) -> dict[str, Any]:
         record["why"] = engine.path_reason
     if getattr(engine, "prefix", ()):
         record["prefix_tokens"] = len(engine.prefix)
+    if not getattr(engine, "invariant", True):
+        # A model family whose rows depend on their batch here: said where it is promised.
+        record["batch_invariant"] = False
+        record["not_invariant_because"] = engine.invariant_reason
     if getattr(engine, "grammars", None) is not None:
         from importlib.metadata import version
 
@@ -106,14 +112,20 @@ class ShardWorker:
         self.output = output_storage(spec)
         self.in_options = input_options(spec)
         self.columns = prompts.job_columns(spec)
+        self.feed = engine.feed() if hasattr(engine, "feed") else None  # None: lock held
+        self._host = threading.Lock()  # held by a shard except while it waits for the engine
+        self._shard = threading.local()  # this thread's shard: its seconds in the engine
 
     def run(self, shard: Shard, attempt: str | None = None, redo_errors: str | None = None) -> ShardResult:
         """Generate the shard and stage it. With ``redo_errors`` (the committed file of this
         shard, relative to the output), only its ``finish_reason: error`` rows are generated
-        again; every other row is copied unchanged."""
-        started = time.perf_counter()
-        attempt = attempt or uuid.uuid4().hex[:12]
+        again; every other row is copied unchanged. Thread-safe (see the module's note)."""
+        with self._host:
+            self._shard.engine_seconds = 0.0
+            return self._run(shard, attempt or uuid.uuid4().hex[:12], redo_errors)
 
+    def _run(self, shard: Shard, attempt: str, redo_errors: str | None) -> ShardResult:
+        started = time.perf_counter()
         # 1. Read this shard's rows, and only the columns the spec needs.
         table = read_rows(shard.file, shard.row_start, shard.row_count, self.columns,
                           self.in_options, self.spec.input.format)
@@ -163,6 +175,7 @@ class ShardWorker:
             prompt_tokens=sum(result.column("prompt_tokens").to_pylist()),
             generated_tokens=sum(result.column("generated_tokens").to_pylist()),
             seconds=time.perf_counter() - started,
+            engine_seconds=self._shard.engine_seconds,
             host=socket.gethostname(),
             duplicates_removed=len(rows) * self.spec.generation.n - n_out,
             staged_chunks=chunks_rel,
@@ -218,7 +231,7 @@ class ShardWorker:
                     for k, s in keys]
         windows, doc_tokens = longdocs.chunk_windows(spec, engine, sub_rows, sub_ids, long_rows,
                                                      errors)
-        completions = engine.generate(requests + [w.request for w in windows])
+        completions = self._generate_all(requests + [w.request for w in windows])
         done = dict(zip(keys, completions))
         for w, c in zip(windows, completions[len(keys):]):
             w.completion = c
@@ -227,8 +240,8 @@ class ShardWorker:
             # 4b. Reduce: one prompt per long row over its window summaries, in order.
             ready, n_windows = longdocs.reduce_prompts(spec, engine, sub_rows, long_rows, windows,
                                                        texts, errors, prompt_ids)
-            reduced = engine.generate([Request(prompt_ids[k], row_seed(seed, sub_ids[k], 0),
-                                               constraints.get(k)) for k in ready])
+            reduced = self._generate_all([Request(prompt_ids[k], row_seed(seed, sub_ids[k], 0),
+                                                  constraints.get(k)) for k in ready])
             done.update({(k, 0): c for k, c in zip(ready, reduced)})
             counts = longdocs.document_tokens(engine, sub_rows, spec.input.chunk_column, doc_tokens)
             chunk_counts = {k: (counts[k], n_windows.get(k, 0)) for k in range(len(which))}
@@ -240,6 +253,19 @@ class ShardWorker:
         chunks = longdocs.windows_table(windows) if chunking else None
         return with_input_columns(table, spec.input.columns, [which[k] for k in take], out,
                                   output_fields(spec)), chunks
+
+    def _generate_all(self, requests: list[Request]) -> list:
+        """Timed into the shard's engine seconds; the host lock is let go while the feed works."""
+        started = time.perf_counter()
+        submitted = None if self.feed is None else self.feed.submit(requests)
+        if submitted is not None:
+            self._host.release()
+        try:
+            return self.engine.generate(requests) if submitted is None else submitted.result()
+        finally:
+            self._shard.engine_seconds += time.perf_counter() - started
+            if submitted is not None:
+                self._host.acquire()
 
     def _constraints(self, rows, errors) -> dict[int, Any]:
         """Each row's constraint (generation.structured), compiled for this replica's tokenizer;
@@ -303,7 +329,9 @@ class ShardWorker:
                 continue
             items[k] = ids
         order = sorted(items)
+        started = time.perf_counter()
         scores = engine.score([ScoreRequest(prompt_ids[k], items[k]) for k in order])
+        self._shard.engine_seconds += time.perf_counter() - started
         return assemble_scores(spec, row_ids, texts, errors,
                                {k: len(ids) for k, ids in prompt_ids.items()}, completions,
                                dict(zip(order, scores)))
