@@ -33,6 +33,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def wait_for_port(port: int, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -178,17 +187,50 @@ class SeaweedS3:
 
     def __init__(self, data_dir: Path):
         self.dir = data_dir
-        # weed also listens on each port + 10000 (gRPC), so keep the picks below 55000.
+        self.proc = None
+        self._started = False
+        self.log = open(data_dir / "weed.log", "ab")
+        self._pick_ports()
+
+    def _pick_ports(self) -> None:
+        # weed also listens on each port + 10000 (gRPC), so keep the picks below 55000 and
+        # check both are free.
         self.ports = {}
         while len(self.ports) < 5:
             p = free_port()
-            if p < 55000 and p not in self.ports.values():
+            if p < 55000 and p not in self.ports.values() and _bindable(p + 10000):
                 self.ports[f"p{len(self.ports)}"] = p
         self.endpoint = f"http://127.0.0.1:{self.ports['p3']}"
-        self.proc = None
-        self.log = open(data_dir / "weed.log", "ab")
 
     def start(self) -> None:
+        # A picked port may be taken (Ray's processes pick theirs at random too) before weed
+        # binds it: weed then exits at once, and it is started again on other ports (the same
+        # ones on a restart: a test's clients know the endpoint).
+        for _ in range(5):
+            self._launch()
+            deadline = time.monotonic() + 120  # a weed that neither listens nor exits
+            while self.proc.poll() is None and time.monotonic() < deadline:
+                try:
+                    with socket.create_connection(("127.0.0.1", self.ports["p3"]), timeout=0.5):
+                        break
+                except OSError:
+                    time.sleep(0.1)
+            else:
+                if self.proc.poll() is None:
+                    raise TimeoutError(f"weed mini is not listening after 120 s; see "
+                                       f"{self.log.name}")
+            if self.proc.poll() is None:
+                break
+            if self._started:
+                time.sleep(1)
+            else:
+                self._pick_ports()
+        else:
+            raise RuntimeError(f"weed mini exited at start 5 times; see {self.log.name}")
+        self._started = True
+        self._ready()
+
+    def _launch(self) -> None:
         p = self.ports
         self.proc = subprocess.Popen(
             [str(BIN / "weed"), "mini", f"-dir={self.dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
@@ -197,7 +239,8 @@ class SeaweedS3:
              "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false"],
             stdout=self.log, stderr=subprocess.STDOUT, cwd=self.dir,
         )
-        wait_for_port(p["p3"], timeout=60)
+
+    def _ready(self) -> None:
         import boto3
 
         client = boto3.client("s3", endpoint_url=self.endpoint)
