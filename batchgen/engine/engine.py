@@ -43,6 +43,7 @@ from batchgen.engine.echo import EchoEngine
 from batchgen.engine.experts import use_invariant_experts
 from batchgen.engine.hfdecode import HFDecoder, invariance, prompt_width
 from batchgen.engine.loading import load_model
+from batchgen.engine.prefill import ENGINE_COUNTERS
 from batchgen.engine.rotary import by_length, use_row_rotary
 from batchgen.engine.scoring import score_hf, score_slots
 from batchgen.io.modelcheck import context_length, input_budget
@@ -280,12 +281,8 @@ class Engine:
             decoder = self._slot_decoder(self.gen, self.eos_ids, self._prefix, self._prefix_kv,
                                          self._state, matchers)
             results = decoder.run(requests)
-            d = decoder.stats
-            s.padded_prompt_positions += d.prefill_positions
-            s.prefix_positions += d.prefix_positions
-            s.decode_steps += d.steps
-            for k in ("row_steps", "slot_steps", "busy_row_steps", "busy_slot_steps"):
-                setattr(s, k, getattr(s, k) + getattr(d, k))
+            for mine, theirs in ENGINE_COUNTERS.items():
+                setattr(s, mine, getattr(s, mine) + getattr(decoder.stats, theirs))
         else:
             decoder = HFDecoder(self.model, self.gen, eos_ids=self.eos_ids, pad_id=self.pad_id,
                                 hit_stop=self._hit_stop, matchers=matchers,

@@ -33,12 +33,8 @@ from typing import Any, Callable
 import torch
 
 from batchgen.engine.completions import Completion, Request
-from batchgen.engine.prefill import DecodeStats
+from batchgen.engine.prefill import ENGINE_COUNTERS, DecodeStats
 
-# Engine counters fed by the decoder's: EngineStats field -> DecodeStats field.
-_COUNTERS = {"padded_prompt_positions": "prefill_positions", "prefix_positions": "prefix_positions",
-             "decode_steps": "steps", "row_steps": "row_steps", "slot_steps": "slot_steps",
-             "busy_row_steps": "busy_row_steps", "busy_slot_steps": "busy_slot_steps"}
 _made = threading.Lock()
 
 
@@ -204,7 +200,7 @@ class EngineFeed:
         if self._decoder is None:
             return
         s, d, was = self.engine.stats, self._decoder.stats, self._folded
-        for mine, theirs in _COUNTERS.items():
+        for mine, theirs in ENGINE_COUNTERS.items():
             setattr(s, mine, getattr(s, mine) + getattr(d, theirs) - getattr(was, theirs))
         self._folded = DecodeStats(**{f.name: getattr(d, f.name) for f in fields(d)})
         now = time.perf_counter()

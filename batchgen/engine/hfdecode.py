@@ -103,6 +103,18 @@ def prompt_width(length: int) -> int:
     return round_up(length + 1, WIDTH_BLOCK)
 
 
+def left_pad(seqs: list, width: int, rows: int, pad_id: int, device) -> tuple:
+    """(ids, attention mask, position ids) [rows, width] of ``seqs`` left-padded to ``width``,
+    the rows past ``len(seqs)`` copies of the first; positions count only real tokens."""
+    ids = torch.full((rows, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((rows, width), dtype=torch.long)
+    for row, seq in enumerate(seqs + [seqs[0]] * (rows - len(seqs))):
+        ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def invariance(model: Any, path: str = "hf") -> tuple[bool, str]:
     """(True, "") when a row's output on ``path`` ("hf", "slots") depends only on its prompt and
     seed, bitwise on this CPU at the current thread count; else (False, why). (On a GPU neither
@@ -173,14 +185,8 @@ class HFDecoder:
         rows = round_up(B, MIN_ROWS)
 
         # 1. Left-pad prompts; position ids count only real tokens.
-        input_ids = torch.full((rows, L), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((rows, L), dtype=torch.long)
-        for row, i in enumerate(indices + [indices[0]] * (rows - B)):
-            ids = requests[i].prompt_ids
-            input_ids[row, L - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            mask[row, L - len(ids):] = 1
-        input_ids, mask = input_ids.to(dev), mask.to(dev)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        input_ids, mask, positions = left_pad(
+            [requests[i].prompt_ids for i in indices], L, rows, self.pad_id, dev)
         self.live = list(range(B))
         out = self._prefill(input_ids, mask, positions)
         self.padded_positions += rows * L

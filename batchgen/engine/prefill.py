@@ -42,6 +42,13 @@ class DecodeStats:
     busy_slot_steps: int = 0
 
 
+# EngineStats field -> the DecodeStats field it sums over a replica's runs.
+ENGINE_COUNTERS = {"padded_prompt_positions": "prefill_positions",
+                   "prefix_positions": "prefix_positions", "decode_steps": "steps",
+                   "row_steps": "row_steps", "slot_steps": "slot_steps",
+                   "busy_row_steps": "busy_row_steps", "busy_slot_steps": "busy_slot_steps"}
+
+
 class SlotModel:
     """The slot path's model calls, over the device state it holds: packed prefills of prompts
     after the job prefix (whose keys are computed once), and the LM head. ``SlotDecoder`` adds

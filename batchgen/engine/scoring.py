@@ -14,7 +14,7 @@ import torch
 
 from batchgen.engine.attention import use_own, use_slots
 from batchgen.engine.backoff import check_finite
-from batchgen.engine.hfdecode import HFDecoder, prompt_width, use_per_row
+from batchgen.engine.hfdecode import HFDecoder, left_pad, prompt_width, use_per_row
 from batchgen.engine.prefill import MIN_ROWS, PREFILL_BLOCK, SlotModel, round_up
 from batchgen.engine.sampling import per_token, token_logprobs
 
@@ -94,16 +94,9 @@ def score_hf(decoder: HFDecoder, items: list[tuple[tuple[int, ...], tuple[int, .
 def _score_width(decoder, items, seqs, indices, L, top):
     dev = decoder.device
     rows = round_up(len(indices), MIN_ROWS)
-    chosen = indices + [indices[0]] * (rows - len(indices))
     keep = max(len(items[i][1]) for i in indices)
-    ids = torch.full((rows, L), decoder.pad_id, dtype=torch.long)
-    mask = torch.zeros((rows, L), dtype=torch.long)
-    for row, i in enumerate(chosen):
-        q = seqs[i]
-        ids[row, L - len(q):] = torch.tensor(q, dtype=torch.long)
-        mask[row, L - len(q):] = 1
-    kwargs = dict(input_ids=ids.to(dev), attention_mask=mask.to(dev),
-                  position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(dev), use_cache=False)
+    ids, mask, positions = left_pad([seqs[i] for i in indices], L, rows, decoder.pad_id, dev)
+    kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
     try:
         logits_all = decoder.model(**kwargs, logits_to_keep=keep).logits
     except TypeError:  # a model whose forward has no logits_to_keep

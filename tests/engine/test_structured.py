@@ -213,6 +213,16 @@ def test_json_is_written_as_json_dumps_writes_it_without_free_whitespace(tokeniz
         assert texts and all(t[0] in starts and not t[1:2].isspace() for t in texts), (prefix, texts)
 
 
+def assert_constrained_from_here(runs, grammars, constraint, tokenizer, answer):
+    """Row 0's mask is a fresh matcher's, and ``answer`` completes it without error."""
+    fresh = torch.empty(grammars.words, dtype=torch.int32)
+    grammars.matcher(constraint).fill(fresh)
+    assert torch.equal(runs.bitmask([0], "cpu")[0], fresh)
+    for token in tokenizer.encode(answer, add_special_tokens=False):
+        runs.advance(0, token)
+    assert not runs.truncated(0) and runs.error(0) is None
+
+
 def test_the_gate_leaves_thinking_free_and_constrains_after_it(tokenizer, grammars):
     gate = tuple(tokenizer.encode("</think>", add_special_tokens=False))
     constraint = constraint_for(spec(choice=("yes", "no")))
@@ -223,12 +233,7 @@ def test_the_gate_leaves_thinking_free_and_constrains_after_it(tokenizer, gramma
         runs.advance(0, token)
         assert runs.truncated(0)
     runs.advance(0, gate[-1])
-    fresh = torch.empty(grammars.words, dtype=torch.int32)
-    grammars.matcher(constraint).fill(fresh)
-    assert torch.equal(runs.bitmask([0], "cpu")[0], fresh)
-    for token in tokenizer.encode("no", add_special_tokens=False):
-        runs.advance(0, token)
-    assert not runs.truncated(0) and runs.error(0) is None
+    assert_constrained_from_here(runs, grammars, constraint, tokenizer, "no")
 
 
 def test_a_prompt_that_closed_the_thinking_opens_the_gate(tokenizer, grammars):
@@ -238,12 +243,7 @@ def test_a_prompt_that_closed_the_thinking_opens_the_gate(tokenizer, grammars):
     prompt = tuple(tokenizer.encode("<|assistant|>\n<think>\n\n</think>\n\n",
                                     add_special_tokens=False))
     runs = Matchers(grammars, [constraint], gate="</think>", prompts=[prompt])
-    fresh = torch.empty(grammars.words, dtype=torch.int32)
-    grammars.matcher(constraint).fill(fresh)
-    assert torch.equal(runs.bitmask([0], "cpu")[0], fresh)
-    for token in tokenizer.encode("yes", add_special_tokens=False):
-        runs.advance(0, token)
-    assert not runs.truncated(0) and runs.error(0) is None
+    assert_constrained_from_here(runs, grammars, constraint, tokenizer, "yes")
 
 
 def test_a_marker_written_in_other_tokens_opens_the_gate(tokenizer, grammars):
@@ -258,12 +258,7 @@ def test_a_marker_written_in_other_tokens_opens_the_gate(tokenizer, grammars):
     for token in tokenizer.encode("so 2+2 is", add_special_tokens=False) + pieces:
         assert runs.truncated(0)
         runs.advance(0, token)
-    fresh = torch.empty(grammars.words, dtype=torch.int32)
-    grammars.matcher(constraint).fill(fresh)
-    assert torch.equal(runs.bitmask([0], "cpu")[0], fresh)
-    for token in tokenizer.encode("no", add_special_tokens=False):
-        runs.advance(0, token)
-    assert not runs.truncated(0) and runs.error(0) is None
+    assert_constrained_from_here(runs, grammars, constraint, tokenizer, "no")
 
 
 @pytest.mark.parametrize("vocab", [40, 64, 70, 100])
